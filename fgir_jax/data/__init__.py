@@ -1,0 +1,1 @@
+"""Data sources, decode cache and on-device input for fgir_jax."""

@@ -1,0 +1,1 @@
+"""Training stages, train state and checkpoints."""
