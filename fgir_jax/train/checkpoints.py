@@ -1,0 +1,77 @@
+"""Orbax checkpoints for one training stage: the latest and the best are kept.
+
+Each stage (stage 1, stage 2 at each code length) owns a directory with one
+`ocp.CheckpointManager`. A checkpoint holds the train-state pytree (params,
+batch statistics, optimizer state, step, PRNG key data) and a small JSON dict
+(epoch, metrics) so that a killed run resumes where it stopped and the best
+epoch can be restored for evaluation.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as ocp_policy
+
+
+class StageCheckpoints:
+  """Save/restore the train state of one stage; keeps the latest and the best.
+
+  `best_metric` names the key in the saved metrics used to rank checkpoints
+  (higher is better); the latest checkpoint is always kept as well so that a
+  resumed run continues from the last epoch, not the best one.
+  """
+
+  def __init__(self, directory: str, best_metric: str | None = None):
+    self.directory = os.path.abspath(directory)
+    self.best_metric = best_metric
+    best_fn = None
+    policies = [ocp_policy.LatestN(n=1)]
+    if best_metric:
+      best_fn = lambda m: float(m.get(best_metric, float("-inf")))
+      policies.append(ocp_policy.BestN(get_metric_fn=best_fn, reverse=False, n=1))
+    options = ocp.CheckpointManagerOptions(
+        best_fn=best_fn, best_mode="max",  # what best_step() ranks by
+        preservation_policy=ocp_policy.AnyPreservationPolicy(policies),
+        enable_async_checkpointing=False,  # stages are short; simpler failure modes
+        create=True)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options, item_names=("state", "meta"))
+
+  def save(self, step: int, state: Any, meta: dict) -> None:
+    """Writes `state` (a pytree of arrays) and `meta` (JSON-able) at `step`."""
+    metrics = meta.get("metrics") if self.best_metric else None
+    self._manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                meta=ocp.args.JsonSave(meta)),
+        metrics=metrics, force=True)
+    self._manager.wait_until_finished()
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def best_step(self) -> int | None:
+    if not self.best_metric:
+      return self.latest_step()
+    return self._manager.best_step()
+
+  def restore(self, step: int, like: Any) -> tuple[Any, dict]:
+    """Restores the state at `step` into the structure, shapes and dtypes of `like`."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                      meta=ocp.args.JsonRestore()))
+    return restored["state"], dict(restored["meta"])
+
+  def close(self) -> None:
+    self._manager.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
