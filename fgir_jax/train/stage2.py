@@ -21,6 +21,7 @@ import optax
 
 from fgir_jax import losses
 from fgir_jax import mining
+from fgir_jax.models.heads import HashHead
 
 LOSSES = ("adaptive", "triplet")
 MARGIN_MODES = ("batch", "ema", "fixed")
@@ -57,17 +58,17 @@ class Stage2Settings:
 
 
 # ----------------------------------------------------------------------------
-# The hash head as plain functions on {"kernel", "bias"} (flax Dense's names,
-# so the trained params drop into the network's hash layer unchanged).
+# The hash head: the network's own HashHead, applied to cached pooled features,
+# so the trained params are exactly the network's params["hash"].
 # ----------------------------------------------------------------------------
 def init_hash_params(key: jax.Array, in_dim: int, bits: int) -> dict:
-  kernel = jax.nn.initializers.lecun_normal()(key, (in_dim, bits), jnp.float32)
-  return {"kernel": kernel, "bias": jnp.zeros((bits,), jnp.float32)}
+  return HashHead(bits).init(key, jnp.zeros((1, in_dim), jnp.float32))["params"]
 
 
 def hash_outputs(params: dict, features: jax.Array) -> jax.Array:
   """(n, c) features -> (n, bits) tanh outputs; the binary code is output > 0."""
-  return jnp.tanh(features @ params["kernel"] + params["bias"])
+  bits = params["kernel"].shape[-1]
+  return HashHead(bits).apply({"params": params}, features)
 
 
 # ----------------------------------------------------------------------------
