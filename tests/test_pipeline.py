@@ -1,0 +1,100 @@
+"""The whole pipeline on tiny synthetic data: results, resume, overrides, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fgir_jax.train import pipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config():
+  sys.path.insert(0, REPO)
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  c = demo.get_config()
+  c.data.synthetic.update(num_classes=4, per_class=8, size=32, test_fraction=0.25)
+  c.data.image_size = 32
+  c.stage1.update(epochs=2, batch_size=8)
+  c.stage2.update(epochs=2, mine_every=1, bits="8,12", batch_size=16, eval_every=1)
+  c.progress = False
+  return c
+
+
+def _interrupt_on(text):
+  def echo(line):
+    if text in line:
+      raise KeyboardInterrupt
+  return echo
+
+
+def test_tiny_run_resumes_and_writes_results(tmp_path):
+  config, workdir = tiny_config(), str(tmp_path / "run")
+  # Killed after the first stage-1 epoch: the checkpoint of epoch 1 is on disk.
+  with pytest.raises(KeyboardInterrupt):
+    pipeline.run(config, workdir, echo=_interrupt_on("stage1: epoch 1/2"))
+  lines = []
+  results = pipeline.run(config, workdir, echo=lines.append)
+  assert "stage1: resuming after epoch 1" in lines
+  assert "already done, skipped: data, saliency" in lines
+  assert not any(line.startswith("stage1: epoch 1/2") for line in lines)
+
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert json.load(f) == results
+  assert set(results["map"]) == {"8", "12"}
+  assert all(0.0 <= v <= 1.0 for v in results["map"].values())
+  assert 0.0 <= results["accuracy"] <= 1.0 and 0.0 <= results["corloc"] <= 1.0
+  assert os.path.exists(os.path.join(workdir, "report.md"))
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  s2 = [r for r in rows if r["stage"] == "stage2_8"]
+  assert [r["epoch"] for r in s2] == [1, 2] and all("d_ap" in r and "map" in r for r in s2)
+
+  # A finished run is skipped entirely and gives the same results.
+  lines = []
+  assert pipeline.run(config, workdir, echo=lines.append) == results
+  assert lines[0].startswith("already done, skipped: data, saliency, stage1, stage2")
+
+
+def test_workdir_of_another_config_is_kept(tmp_path):
+  config, workdir = tiny_config(), str(tmp_path / "run")
+  config.stages = "data"
+  pipeline.run(config, workdir, echo=lambda _: None)
+  other = tiny_config()
+  other.stages = "data"
+  other.stage2.beta = 0.25
+  with pytest.raises(ValueError, match=r"different config \(stage2.beta differ\)"):
+    pipeline.run(other, workdir, echo=lambda _: None)
+  other.overwrite = True
+  pipeline.run(other, workdir, echo=lambda _: None)
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["stage2"]["beta"] == 0.25
+
+
+def _launch(*args):
+  cmd = [sys.executable, os.path.join(REPO, "launch.py"), *args]
+  return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_missing_dataset_folder_is_one_line_and_nonzero(tmp_path):
+  missing = tmp_path / "nowhere"
+  proc = _launch("--config", "configs/cub.py:runlocal", "--workdir", str(tmp_path / "w"),
+                 f"--config.data.root={missing}")
+  assert proc.returncode != 0
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error:") and str(missing) in last and "Traceback" not in proc.stderr
+
+
+def test_unknown_config_key_and_bad_value_are_rejected(tmp_path):
+  proc = _launch("--config", "configs/demo.py", "--workdir", str(tmp_path / "w"),
+                 "--config.stage2.nosuchkey=3")
+  assert proc.returncode != 0 and "nosuchkey" in proc.stderr
+  proc = _launch("--config", "configs/demo.py", "--workdir", str(tmp_path / "w"),
+                 "--config.stage2.loss=contrastive", "--config.stages=stage2")
+  assert proc.returncode != 0
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "error: stage2 loss must be one of ('adaptive', 'triplet'), got 'contrastive'.")
+  assert not os.path.exists(tmp_path / "w" / "stages")  # nothing ran
