@@ -3,7 +3,7 @@
     python launch.py --config configs/demo.py --workdir runs/demo
 
 Same pipeline as CUB with a smaller dataset (20 classes, 96 px), the tiny
-ResNet18-I (1/8 width) trained from scratch, and shorter schedules. The
+ResNet18-I (1/4 width) trained from scratch, and shorter schedules. The
 saliency network is the stage-1 network trained on the uncropped images.
 """
 
@@ -16,11 +16,11 @@ def get_config(arg=None):
   c.data.source = "synthetic"
   c.data.synthetic.update(num_classes=20, per_class=100, size=96, test_fraction=0.4)
   c.data.image_size = 96
-  c.model.width = 0.125
+  c.model.width = 0.25
   c.saliency.network = "stage1"
   c.saliency.alpha = 0.4
-  # SGD + cosine; from scratch, so a larger rate and milder crops than fine-tuning.
-  c.stage1.update(epochs=12, batch_size=64, learning_rate=0.1, weight_decay=5e-4,
-                  warmup_epochs=1.0, crop="random_resized", crop_scale_min=0.35)
+  # SGD + cosine from scratch; pad-and-crop keeps the small bird in the frame.
+  c.stage1.update(epochs=15, batch_size=32, learning_rate=0.05, weight_decay=5e-4,
+                  warmup_epochs=1.0, crop="pad_and_crop")
   c.stage2.update(epochs=30, mine_every=3, batch_size=128, learning_rate=3e-3, eval_every=3)
   return c
