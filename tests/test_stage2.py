@@ -25,11 +25,12 @@ def _map(params, train, test):
 
 
 @pytest.mark.parametrize("loss,margin_mode", [("adaptive", "batch"), ("adaptive", "ema"),
-                                              ("triplet", "batch")])
+                                              ("triplet", "batch"), ("ce", "batch")])
 def test_training_separates_classes(loss, margin_mode):
   train, test = _features(1, 12), _features(2, 5)
   settings = stage2.Stage2Settings(bits=16, epochs=6, mine_every=2, batch_size=32,
-                                   learning_rate=1e-2, loss=loss, margin_mode=margin_mode)
+                                   learning_rate=1e-2, loss=loss, margin_mode=margin_mode,
+                                   num_classes=6)
   history = []
   state = stage2.train_hash_layer(jax.random.key(0), *train, settings,
                                   on_epoch=lambda e, s, stats: history.append(stats))
@@ -83,6 +84,7 @@ def test_first_epoch_margin_is_eq3_mean_of_the_mined_triplets():
     (dict(loss="contrastive"), "loss must be one of"),
     (dict(margin_mode="median"), "margin_mode must be one of"),
     (dict(mine_every=0), "mine_every must be a positive integer"),
+    (dict(loss="ce"), "needs num_classes"),
 ])
 def test_bad_settings_are_named(kwargs, match):
   with pytest.raises(ValueError, match=match):

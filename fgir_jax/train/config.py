@@ -59,6 +59,10 @@ def base_config() -> ml_collections.ConfigDict:
       warmup_epochs=1.0, label_smoothing=0.0, crop="random_resized", crop_scale_min=0.25))
 
   # ---- stage 2: hash layer + (adaptive) triplet loss ------------------------
+  # loss: "adaptive" (Eq. 2), "triplet" (Eq. 1 with `margin`) or "ce" (cross-
+  # entropy features, the paper's baseline); margin_mode for "adaptive":
+  # "batch" (Eq. 3 per batch), "ema" (moving average, `ema_decay`), "fixed".
+  # Ablations: model.enhance (ResNet18 vs ResNet18-I), saliency.enabled.
   c.stage2 = ml_collections.ConfigDict(dict(
       bits="16,32,48,64", epochs=90, mine_every=3, batch_size=128, learning_rate=1e-3,
       loss="adaptive", margin_mode="batch", margin=0.2, ema_decay=0.9, beta=0.5,

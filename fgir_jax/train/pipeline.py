@@ -71,7 +71,7 @@ def check_config(config, bits) -> None:
     raise ValueError(f"data.image_size must be at least 16 pixels, got {config.data.image_size}.")
   stage1_settings(config)
   for b in bits:
-    stage2_settings(config, b)
+    stage2_settings(config, b, num_classes=2)
 
 
 # ----------------------------------------------------------------------------
@@ -321,9 +321,9 @@ def pooled_features(run: Run) -> dict:
   return feats
 
 
-def stage2_settings(config, bits: int) -> stage2_lib.Stage2Settings:
+def stage2_settings(config, bits: int, num_classes: int = 0) -> stage2_lib.Stage2Settings:
   s = config.stage2
-  return stage2_lib.Stage2Settings(
+  return stage2_lib.Stage2Settings(num_classes=num_classes,
       bits=bits, epochs=s.epochs, mine_every=s.mine_every, batch_size=s.batch_size,
       learning_rate=s.learning_rate, loss=s.loss, margin_mode=s.margin_mode, margin=s.margin,
       ema_decay=s.ema_decay, beta=s.beta, neg_factor=s.neg_factor)
@@ -335,7 +335,7 @@ def _codes(params, features):
 
 def train_bits(run: Run, feats: dict, bits: int) -> dict:
   """Stage 2 at one code length, resumable; returns the final hash params."""
-  settings = stage2_settings(run.config, bits)
+  settings = stage2_settings(run.config, bits, len(run.dataset.class_names))
   tr = feats["is_train"]
   x_train, y_train = feats["features"][tr], feats["labels"][tr]
   x_query, y_query = feats["features"][~tr], feats["labels"][~tr]

@@ -23,7 +23,7 @@ from fgir_jax import losses
 from fgir_jax import mining
 from fgir_jax.models.heads import HashHead
 
-LOSSES = ("adaptive", "triplet")
+LOSSES = ("adaptive", "triplet", "ce")
 MARGIN_MODES = ("batch", "ema", "fixed")
 
 
@@ -31,7 +31,10 @@ MARGIN_MODES = ("batch", "ema", "fixed")
 class Stage2Settings:
   """What stage 2 trains and how; hashable so that it can be a static jit argument.
 
-  loss: "adaptive" (Eq. 2) or "triplet" (Eq. 1, classic, with `margin`).
+  loss: "adaptive" (Eq. 2), "triplet" (Eq. 1, classic, with `margin`) or "ce"
+    (the paper's baseline of cross-entropy features: the hash layer trained
+    with softmax cross-entropy through a linear classifier on its outputs;
+    needs `num_classes`).
   margin_mode (adaptive only): "batch" is Eq. 3 on each batch's triplets,
     "ema" an exponential moving average of it across steps, "fixed" uses `margin`.
   """
@@ -46,6 +49,7 @@ class Stage2Settings:
   ema_decay: float = 0.9
   beta: float = 0.5
   neg_factor: float = 0.1
+  num_classes: int = 0
 
   def __post_init__(self):
     if self.loss not in LOSSES:
@@ -55,6 +59,8 @@ class Stage2Settings:
     for name in ("bits", "epochs", "mine_every", "batch_size"):
       if int(getattr(self, name)) < 1:
         raise ValueError(f"stage2 {name} must be a positive integer, got {getattr(self, name)}.")
+    if self.loss == "ce" and self.num_classes < 2:
+      raise ValueError("stage2 loss='ce' needs num_classes >= 2 (the classifier's outputs).")
 
 
 # ----------------------------------------------------------------------------
@@ -74,14 +80,28 @@ def hash_outputs(params: dict, features: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------
 # One epoch: a scan over batches of triplets (global indices into features).
 # ----------------------------------------------------------------------------
-def _batch_terms(params, features, triplets, valid, margin, settings):
+def _trainable(state: dict) -> dict:
+  """What the optimizer updates: the hash layer, and the classifier for loss="ce"."""
+  return {k: state[k] for k in ("params", "classifier") if k in state}
+
+
+def _cross_entropy(classifier, emb, labels, valid):
+  logits = emb @ classifier["kernel"] + classifier["bias"]
+  per = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
+  w = valid.astype(jnp.float32)
+  return (per * w).sum() / jnp.maximum(w.sum(), 1.0)
+
+
+def _batch_terms(trainable, features, labels, triplets, valid, margin, settings):
   """Loss and distance statistics for one (B, 3) batch of global triplets."""
   batch = triplets.shape[0]
-  emb = hash_outputs(params, features[triplets.reshape(-1)])  # rows a0 p0 n0 a1 ...
+  emb = hash_outputs(trainable["params"], features[triplets.reshape(-1)])  # rows a0 p0 n0 a1 ...
   dist = losses.pairwise_distances(emb)
   local = jnp.arange(batch)[:, None] * 3 + jnp.arange(3)[None, :]
   if settings.loss == "triplet":
     loss = losses.triplet_loss(dist, local, margin=settings.margin, valid=valid)
+  elif settings.loss == "ce":  # every anchor once per epoch: plain CE over the examples
+    loss = _cross_entropy(trainable["classifier"], emb[0::3], labels[triplets[:, 0]], valid)
   else:
     loss = losses.adaptive_triplet_loss(dist, local, margin=margin, valid=valid)
   stats = losses.triplet_stats(dist, local, valid)
@@ -89,7 +109,7 @@ def _batch_terms(params, features, triplets, valid, margin, settings):
 
 
 @functools.partial(jax.jit, static_argnames=("settings", "optimizer"), donate_argnums=(0,))
-def _train_epoch(state, features, triplets, valid, *, settings, optimizer):
+def _train_epoch(state, features, labels, triplets, valid, *, settings, optimizer):
   """Runs every (B, 3) batch of `triplets` (num_batches, B, 3) once."""
 
   def step(state, batch):
@@ -100,15 +120,16 @@ def _train_epoch(state, features, triplets, valid, *, settings, optimizer):
       margin = settings.margin
     else:
       margin = state["ema_margin"]
+    trainable = _trainable(state)
     (loss, stats), grads = jax.value_and_grad(_batch_terms, has_aux=True)(
-        state["params"], features, trip, ok, margin, settings)
-    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+        trainable, features, labels, trip, ok, margin, settings)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
+    trainable = optax.apply_updates(trainable, updates)
     batch_margin = jax.lax.stop_gradient(stats["d_an"] - stats["d_ap"])
     has_any = stats["count"] > 0
     ema = jnp.where(has_any, settings.ema_decay * state["ema_margin"]
                     + (1 - settings.ema_decay) * batch_margin, state["ema_margin"])
-    new_state = dict(state, params=params, opt_state=opt_state, ema_margin=ema)
+    new_state = dict(state, **trainable, opt_state=opt_state, ema_margin=ema)
     return new_state, dict(stats, loss=loss)
 
   state, per_batch = jax.lax.scan(step, state, (triplets, valid))
@@ -151,8 +172,14 @@ def init_state(key, features, labels, settings: Stage2Settings, optimizer) -> di
   d_an = jnp.linalg.norm(emb[triplets[:, 0]] - emb[triplets[:, 2]], axis=-1)
   w = valid.astype(jnp.float32)
   margin0 = ((d_an - d_ap) * w).sum() / jnp.maximum(w.sum(), 1.0)
-  return {"train": {"params": params, "opt_state": optimizer.init(params),
-                    "ema_margin": margin0},
+  train = {"params": params, "ema_margin": margin0}
+  if settings.loss == "ce":
+    train["classifier"] = {
+        "kernel": jax.nn.initializers.lecun_normal()(jax.random.fold_in(key, 2),
+                                                      (settings.bits, settings.num_classes)),
+        "bias": jnp.zeros((settings.num_classes,), jnp.float32)}
+  train["opt_state"] = optimizer.init(_trainable(train))
+  return {"train": train,
           "triplets": triplets, "valid": valid, "epoch": jnp.zeros((), jnp.int32)}
 
 
@@ -179,6 +206,7 @@ def train_hash_layer(
   """
   features = jnp.asarray(features, jnp.float32)
   labels = np.asarray(labels)
+  labels_dev = jnp.asarray(labels, jnp.int32)
   optimizer = make_optimizer(settings)
   init_key, run_key = jax.random.split(key)
   if state is None:
@@ -190,7 +218,7 @@ def train_hash_layer(
           mine_key, state["train"]["params"], features, labels, settings)
     batches = _batched_triplets(shuffle_key, state["triplets"], state["valid"], settings.batch_size)
     state["train"], stats = _train_epoch(
-        state["train"], features, *batches, settings=settings, optimizer=optimizer)
+        state["train"], features, labels_dev, *batches, settings=settings, optimizer=optimizer)
     state["epoch"] = jnp.asarray(epoch + 1, jnp.int32)
     stats = {k: float(v) for k, v in stats.items()}
     stats["margin"] = stats["d_an"] - stats["d_ap"]
