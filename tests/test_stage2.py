@@ -39,7 +39,7 @@ def test_training_separates_classes(loss, margin_mode):
   # Trained codes retrieve better than the random initial projection and the
   # anchor-negative distance ends above the anchor-positive one.
   init = stage2.init_hash_params(jax.random.split(jax.random.key(0))[0], 16, 16)
-  assert _map(state["train"]["params"], train, test) > _map(init, train, test)
+  assert _map(stage2.hash_params(state), train, test) > _map(init, train, test)
   assert history[-1]["d_an"] > history[-1]["d_ap"]
 
 
@@ -59,6 +59,19 @@ def test_resumed_run_equals_uninterrupted_run():
   resumed = stage2.train_hash_layer(jax.random.key(7), *train, settings, state=saved["state"])
   for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_folded_hash_params_apply_to_raw_features():
+  train = _features(5, 6)
+  # All-positive features with a large shared mean, like pooled post-ReLU ones.
+  raw = np.abs(train[0]) + 5.0
+  settings = stage2.Stage2Settings(bits=8, epochs=1)
+  state = stage2.train_hash_layer(jax.random.key(0), raw, train[1], settings)
+  standardised = stage2.standardise(jnp.asarray(raw), state["norm"])
+  np.testing.assert_allclose(np.asarray(standardised).mean(0), 0.0, atol=1e-4)
+  np.testing.assert_allclose(stage2.hash_outputs(stage2.hash_params(state), raw),
+                             stage2.hash_outputs(state["train"]["params"], standardised),
+                             rtol=1e-4, atol=1e-5)
 
 
 def test_hash_params_drop_into_the_network_hash_head():

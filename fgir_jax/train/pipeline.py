@@ -341,9 +341,7 @@ def train_bits(run: Run, feats: dict, bits: int) -> dict:
   x_query, y_query = feats["features"][~tr], feats["labels"][~tr]
   name = f"stage2_{bits}"
   key = run.stage_key(name)
-  fresh = lambda: stage2_lib.init_state(
-      jax.random.split(key)[0], jnp.asarray(x_train), y_train, settings,
-      stage2_lib.make_optimizer(settings))
+  fresh = lambda: stage2_lib.new_state(jax.random.split(key)[0], x_train, y_train, settings)
   eval_every = max(1, int(run.config.stage2.eval_every))
 
   with StageCheckpoints(run.wd.dir("ckpt", name), best_metric="map") as ckpt:
@@ -355,7 +353,7 @@ def train_bits(run: Run, feats: dict, bits: int) -> dict:
     def on_epoch(epoch, state, stats):
       row = dict(stats)
       if epoch % eval_every == 0 or epoch == settings.epochs:
-        params = state["train"]["params"]
+        params = stage2_lib.hash_params(state)
         row["map"] = metrics.mean_average_precision(
             _codes(params, x_query), y_query, _codes(params, x_train), y_train)
       ckpt.save(epoch, state, {"epoch": epoch, "metrics": {"map": row.get("map", -1.0)}})
@@ -365,7 +363,7 @@ def train_bits(run: Run, feats: dict, bits: int) -> dict:
 
     state = stage2_lib.train_hash_layer(key, x_train, y_train, settings, state=state,
                                         on_epoch=on_epoch)
-  return state["train"]["params"]
+  return stage2_lib.hash_params(state)
 
 
 def stage_stage2(run: Run) -> dict:

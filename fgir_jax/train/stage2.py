@@ -3,6 +3,13 @@
 Everything before the hash layer is frozen (PAPER.md step 4), so the pooled
 features are computed once and stage 2 trains only Dense(bits) + tanh on them:
 the same result as running the frozen network every step, far faster.
+
+Pooled post-ReLU features all share a large positive mean; a hash layer on
+them starts with every code alike and the triplet losses cannot pull the codes
+apart (mAP at chance on CUB-sized data). Stage 2 therefore trains on features
+standardised with the training set's per-dimension mean and std, and folds
+that affine map into the Dense layer at the end (`hash_params`), so the
+result is an ordinary HashHead on the network's raw pooled features.
 Triplets are re-mined over the whole training set every `mine_every` epochs
 (Eq. 4) and one epoch is a single jitted `lax.scan` over triplet batches, so
 the host only loops over epochs.
@@ -150,6 +157,23 @@ def _batched_triplets(key, triplets, valid, batch_size):
   return trip.reshape(num_batches, batch_size, 3), ok.reshape(num_batches, batch_size)
 
 
+def standardiser(features) -> dict:
+  """Per-dimension mean and std of the training features (std floored for dead units)."""
+  mean = jnp.mean(features, axis=0)
+  std = jnp.std(features, axis=0)
+  return {"mean": mean, "std": jnp.maximum(std, 1e-3 * jnp.maximum(jnp.max(std), 1e-12))}
+
+
+def hash_params(state: dict) -> dict:
+  """The trained hash layer for raw pooled features: standardisation folded in.
+
+  tanh(((x - mean) / std) @ W + b) == tanh(x @ (W / std[:, None]) + (b - (mean / std) @ W)).
+  """
+  params, norm = state["train"]["params"], state["norm"]
+  kernel = params["kernel"] / norm["std"][:, None]
+  return {"kernel": kernel, "bias": params["bias"] - norm["mean"] @ kernel}
+
+
 def mine_triplets(key, params, features, labels, settings: Stage2Settings):
   """Eq. 4 over the whole training set, on the current hash outputs.
 
@@ -183,6 +207,18 @@ def init_state(key, features, labels, settings: Stage2Settings, optimizer) -> di
           "triplets": triplets, "valid": valid, "epoch": jnp.zeros((), jnp.int32)}
 
 
+def standardise(features, norm: dict) -> jax.Array:
+  return (features - norm["mean"]) / norm["std"]
+
+
+def new_state(key, features, labels, settings: Stage2Settings) -> dict:
+  """The state `train_hash_layer(key, features, ...)` starts from (raw features)."""
+  norm = standardiser(jnp.asarray(features, jnp.float32))
+  state = init_state(key, standardise(jnp.asarray(features, jnp.float32), norm), np.asarray(labels),
+                     settings, make_optimizer(settings))
+  return dict(state, norm=norm)
+
+
 def make_optimizer(settings: Stage2Settings):
   return optax.adam(settings.learning_rate)
 
@@ -196,9 +232,10 @@ def train_hash_layer(
     state: dict | None = None,
     on_epoch: Callable[[int, dict, dict], None] | None = None,
 ) -> dict:
-  """Trains the hash layer; returns the final state (params: state["train"]["params"]).
+  """Trains the hash layer; returns the final state (`hash_params(state)` for codes).
 
-  features: (n, c) float pooled features of the training set (frozen network).
+  features: (n, c) float pooled features of the training set (frozen network),
+  standardised internally (see the module docstring).
   labels: (n,) int class ids. `state` resumes a run: it holds the epoch and the
   current triplets, so a resumed run trains exactly as an uninterrupted one.
   `on_epoch(epoch, state, stats)` is called after every epoch (metrics,
@@ -210,7 +247,8 @@ def train_hash_layer(
   optimizer = make_optimizer(settings)
   init_key, run_key = jax.random.split(key)
   if state is None:
-    state = init_state(init_key, features, labels, settings, optimizer)
+    state = new_state(init_key, features, labels, settings)
+  features = standardise(features, state["norm"])
   for epoch in range(int(state["epoch"]), settings.epochs):
     mine_key, shuffle_key = jax.random.split(jax.random.fold_in(run_key, epoch))
     if epoch > 0 and epoch % settings.mine_every == 0:
