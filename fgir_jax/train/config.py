@@ -52,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.saliency.margin = 0.05
   c.saliency.network = "stage1"        # "pretrained" (model.pretrained) or "stage1"
                                        # (a CE network trained on uncropped images)
+  c.saliency.epochs = 0                # epochs of that bootstrap network; 0: stage1.epochs
 
   # ---- stage 1: cross-entropy -------------------------------------------------
   c.stage1 = ml_collections.ConfigDict(dict(

@@ -157,12 +157,17 @@ def stage1_settings(config) -> stage1_lib.Stage1Settings:
       label_smoothing=s1.label_smoothing)
 
 
-def train_classifier(run: Run, name: str, images: np.ndarray, enhance: bool | None = None):
-  """Stage 1 on `images` (train split); returns (net, best variables, accuracy on the queries)."""
+def train_classifier(run: Run, name: str, images: np.ndarray, epochs: int = 0):
+  """Stage 1 on `images` (train split); returns (net, final variables, accuracy on the queries).
+
+  epochs > 0 overrides stage1.epochs (the saliency bootstrap network).
+  """
   ds, settings = run.dataset, stage1_settings(run.config)
+  if epochs > 0:
+    settings = dataclasses.replace(settings, epochs=int(epochs))
   train_in = _inputs(run, images[ds.is_train], ds.labels[ds.is_train])
   query_in = _inputs(run, images[~ds.is_train], ds.labels[~ds.is_train])
-  net = make_net(run.config, len(ds.class_names), enhance)
+  net = make_net(run.config, len(ds.class_names))
   steps = train_in.steps_per_epoch(settings.batch_size, train_in.num_examples >= settings.batch_size)
   optimizer = stage1_lib.make_optimizer(settings, steps)
   key = run.stage_key(name)
@@ -263,7 +268,8 @@ def saliency_network(run: Run):
   if sal.network != "stage1":
     raise ValueError(f"saliency.network must be 'pretrained' or 'stage1', got {sal.network!r}.")
   # Bootstrap: a CE network trained on the uncropped images finds the object.
-  net, variables, acc = train_classifier(run, "saliency_net", run.images)
+  net, variables, acc = train_classifier(run, "saliency_net", run.images,
+                                        epochs=int(sal.epochs))
   run.wd.log("saliency_net", uncropped_accuracy=acc)
   return net, variables
 
