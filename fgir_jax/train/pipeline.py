@@ -113,7 +113,8 @@ def _first_classes(ds: data_lib.Dataset, max_classes: int) -> data_lib.Dataset:
 
 def stage_data(run: Run) -> dict:
   ds = load_dataset(run.config)
-  cached = data_lib.cached_images(ds, run.size, run.cache_dir, skip_bad=run.config.data.skip_bad)
+  cached = data_lib.cached_images(ds, run.size, run.cache_dir, skip_bad=run.config.data.skip_bad,
+                                  progress=bool(run.config.progress))
   if len(cached.kept) != len(ds.labels):
     ds = ds.subset(cached.kept)
   run.dataset, run.images = ds, cached.images
@@ -304,7 +305,8 @@ def load_crops(run: Run) -> None:
     return
   boxes = np.load(path)["boxes"]
   run.crops = data_lib.cached_crops(run.dataset, boxes, run.size, run.cache_dir,
-                                    skip_bad=run.config.data.skip_bad).images
+                                    skip_bad=run.config.data.skip_bad,
+                                    progress=bool(run.config.progress)).images
 
 
 # ----------------------------------------------------------------------------
