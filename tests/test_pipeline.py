@@ -95,6 +95,6 @@ def test_unknown_config_key_and_bad_value_are_rejected(tmp_path):
   proc = _launch("--config", "configs/demo.py", "--workdir", str(tmp_path / "w"),
                  "--config.stage2.loss=contrastive", "--config.stages=stage2")
   assert proc.returncode != 0
-  assert proc.stderr.strip().splitlines()[-1] == (
-      "error: stage2 loss must be one of ('adaptive', 'triplet'), got 'contrastive'.")
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: stage2 loss must be one of (") and "got 'contrastive'" in last
   assert not os.path.exists(tmp_path / "w" / "stages")  # nothing ran
