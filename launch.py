@@ -44,5 +44,18 @@ def main(argv):
     print(f"mAP: {shown}  (results in {_WORKDIR.value}/results.json)")
 
 
+def parse_flags(argv):
+  """absl's parsing, but a bad --config override is one line and exit 2, not a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    hint = f" (overrides given: {', '.join(overrides)})" if overrides else ""
+    message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    print(f"error: bad command line: {message}{hint}; every --config.KEY must exist in the "
+          "config file and take a value of its type.", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -73,6 +73,28 @@ def test_workdir_of_another_config_is_kept(tmp_path):
     assert json.load(f)["stage2"]["beta"] == 0.25
 
 
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  from fgir_jax.train import stage1 as stage1_lib  # pylint: disable=g-import-not-at-top
+  from fgir_jax.train.checkpoints import StageCheckpoints  # pylint: disable=g-import-not-at-top
+  config, workdir = tiny_config(), str(tmp_path / "run")
+  config.stages = "data,stage1"
+  config.saliency.enabled = False
+  step, calls = stage1_lib.train_step, []
+  per_epoch = 24 // config.stage1.batch_size  # 24 training images in the tiny set
+
+  def poisoned(state, batch, **kw):  # the loss turns NaN in the second epoch
+    state, m = step(state, batch, **kw)
+    calls.append(1)
+    return state, (dict(m, loss=m["loss"] * float("nan")) if len(calls) > per_epoch else m)
+
+  monkeypatch.setattr(stage1_lib, "train_step", poisoned)
+  with pytest.raises(FloatingPointError, match="loss became nan in epoch 2"):
+    pipeline.run(config, workdir, echo=lambda _: None)
+  with StageCheckpoints(os.path.join(workdir, "ckpt", "stage1")) as ckpt:
+    assert ckpt.latest_step() == 1  # the good epoch is kept, the bad one never saved
+  assert not os.path.exists(os.path.join(workdir, "stages", "stage1.json"))
+
+
 def _launch(*args):
   cmd = [sys.executable, os.path.join(REPO, "launch.py"), *args]
   return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
@@ -91,7 +113,9 @@ def test_missing_dataset_folder_is_one_line_and_nonzero(tmp_path):
 def test_unknown_config_key_and_bad_value_are_rejected(tmp_path):
   proc = _launch("--config", "configs/demo.py", "--workdir", str(tmp_path / "w"),
                  "--config.stage2.nosuchkey=3")
-  assert proc.returncode != 0 and "nosuchkey" in proc.stderr
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: bad command line") and "--config.stage2.nosuchkey" in last
   proc = _launch("--config", "configs/demo.py", "--workdir", str(tmp_path / "w"),
                  "--config.stage2.loss=contrastive", "--config.stages=stage2")
   assert proc.returncode != 0
