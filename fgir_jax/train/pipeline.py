@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 
 import jax
@@ -127,6 +128,7 @@ def stage_data(run: Run) -> dict:
 # Networks and stage 1 (cross-entropy)
 # ----------------------------------------------------------------------------
 def make_net(config, num_classes: int, enhance: bool | None = None) -> models.RetrievalNet:
+  """The stage-1 network of the config (no hash head: stage 2 trains it on features)."""
   m = config.model
   return models.RetrievalNet(
       num_classes=num_classes, hash_bits=None,
@@ -420,12 +422,10 @@ def stage_report(run: Run) -> dict:
 # ----------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------
-_STAGES = {"data": stage_data, "saliency": stage_saliency, "stage1": stage_stage1,
-           "stage2": stage_stage2, "evaluate": stage_evaluate, "report": stage_report}
-
-
-def _needs_images(run: Run, todo: list[str]) -> bool:
-  return any(s in todo for s in ("data", "saliency", "stage1", "stage2", "evaluate"))
+# The stages after "data", which every run needs for its arrays (a cache hit when done).
+_STAGES = {"saliency": stage_saliency, "stage1": stage_stage1, "stage2": stage_stage2,
+           "evaluate": stage_evaluate, "report": stage_report}
+_NEED_IMAGES = ("data", "saliency", "stage1", "stage2", "evaluate")
 
 
 def run(config, workdir: str, echo=print) -> dict:
@@ -435,7 +435,7 @@ def run(config, workdir: str, echo=print) -> dict:
   skipped = [s for s in r.stages if s not in todo]
   if skipped:
     echo(f"already done, skipped: {', '.join(skipped)}")
-  if _needs_images(r, todo):
+  if any(s in todo for s in _NEED_IMAGES):
     stage_data_summary = stage_data(r)
     if "data" in todo:
       r.wd.mark_done("data", stage_data_summary)
@@ -453,7 +453,6 @@ def run(config, workdir: str, echo=print) -> dict:
     r.wd.mark_done(name, summary)
   path = r.wd.file("results.json")
   if os.path.exists(path):
-    import json  # pylint: disable=g-import-not-at-top
     with open(path) as f:
       return json.load(f)
   return {}
