@@ -122,3 +122,23 @@ def test_unknown_config_key_and_bad_value_are_rejected(tmp_path):
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("error: stage2 loss must be one of (") and "got 'contrastive'" in last
   assert not os.path.exists(tmp_path / "w" / "stages")  # nothing ran
+
+
+def test_saliency_from_pretrained_weights_file(tmp_path):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from test_models import random_state_dict  # pylint: disable=g-import-not-at-top
+  config, workdir = tiny_config(), str(tmp_path / "run")
+  weights = tmp_path / "resnet18.npz"
+  np.savez(weights, **random_state_dict(width=config.model.width, num_classes=1000))
+  config.model.pretrained = str(weights)
+  config.saliency.network = "pretrained"
+  config.stages = "data,saliency"
+  lines = []
+  pipeline.run(config, workdir, echo=lines.append)
+  # The boxes come from the given network: no bootstrap classifier was trained.
+  assert not any(line.startswith("saliency_net") for line in lines)
+  with open(os.path.join(workdir, "saliency", "summary.json")) as f:
+    summary = json.load(f)
+  assert 0.0 <= summary["corloc"] <= 1.0 and 0.0 < summary["mean_box_area"] <= 1.0
+  boxes = np.load(os.path.join(workdir, "saliency", "boxes.npz"))["boxes"]
+  assert boxes.shape == (32, 4) and np.all(boxes[:, :2] < boxes[:, 2:])
