@@ -232,7 +232,7 @@ def stage_stage1(run: Run) -> dict:
 
 
 def restore_stage1(run: Run):
-  """The best stage-1 network of a finished run (for stage 2, evaluation, search)."""
+  """The final stage-1 network of a finished run (for stage 2, evaluation, search)."""
   net = make_net(run.config, len(run.dataset.class_names))
   key = run.stage_key("stage1")
   variables = init_variables_shapes(run, net, key)
