@@ -226,6 +226,16 @@ def _progress(run, total, desc):
   return Progress(total, desc, enabled=bool(run.config.progress))
 
 
+def encode_all(run: Run, net, variables, images, desc: str, with_maps: bool = False) -> dict:
+  """Eval-mode outputs for every image, with a progress bar (a long pass on big sets)."""
+  progress = _progress(run, len(images), desc)
+  out = inference.run_network(net, variables, batching.DeviceInput(images, run.dataset.labels),
+                              batch_size=run.config.eval.batch_size, with_maps=with_maps,
+                              progress=progress.update)
+  progress.close()
+  return out
+
+
 def stage_stage1(run: Run) -> dict:
   _, _, acc = train_classifier(run, "stage1", run.crops)
   return {"accuracy": acc}
@@ -280,9 +290,7 @@ def saliency_network(run: Run):
 def stage_saliency(run: Run) -> dict:
   sal, ds = run.config.saliency, run.dataset
   net, variables = saliency_network(run)
-  every = batching.DeviceInput(run.images, ds.labels)
-  out = inference.run_network(net, variables, every, batch_size=run.config.eval.batch_size,
-                              with_maps=True)
+  out = encode_all(run, net, variables, run.images, "saliency maps", with_maps=True)
   boxes = np.asarray(saliency.boxes_from_maps(out["maps"], alpha=sal.alpha, mode=sal.mode,
                                               image_size=(run.size, run.size), margin=sal.margin))
   out_dir = run.wd.dir("saliency")
@@ -321,8 +329,7 @@ def pooled_features(run: Run) -> dict:
     with np.load(path) as f:
       return dict(f)
   net, variables = restore_stage1(run)
-  every = batching.DeviceInput(run.crops, run.dataset.labels)
-  out = inference.run_network(net, variables, every, batch_size=run.config.eval.batch_size)
+  out = encode_all(run, net, variables, run.crops, "pooled features")
   feats = {"features": out["pooled"], "labels": run.dataset.labels, "is_train": run.dataset.is_train}
   run.wd.dir("stage2")
   tmp = path + ".tmp.npz"
