@@ -1,0 +1,164 @@
+"""Stage 1 (PAPER.md step 3): the cross-entropy classifier, its checkpoints and whole-set passes.
+
+The same trainer also makes the saliency bootstrap network (uncropped images,
+see saliency_stage.py). Steps run data-parallel over the run's device mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fgir_jax import metrics
+from fgir_jax import models
+from fgir_jax import parallel
+from fgir_jax.data import augment
+from fgir_jax.data import batching
+from fgir_jax.train import inference
+from fgir_jax.train import stage1 as stage1_lib
+from fgir_jax.train.checkpoints import StageCheckpoints
+from fgir_jax.train.context import Run, progress_bar
+
+
+def make_net(config, num_classes: int, enhance: bool | None = None) -> models.RetrievalNet:
+  """The stage-1 network of the config (no hash head: stage 2 trains it on features)."""
+  m = config.model
+  return models.RetrievalNet(
+      num_classes=num_classes, hash_bits=None,
+      enhance=m.enhance if enhance is None else enhance, width=m.width,
+      enhance_scale=m.enhance_scale, dtype=jnp.dtype(m.dtype))
+
+
+def init_variables(run: Run, net, key) -> dict:
+  dummy = jnp.zeros((1, run.size, run.size, 3), jnp.float32)
+  variables = jax.jit(functools.partial(net.init, train=False))(key, dummy)
+  if run.config.model.pretrained:
+    variables = models.load_torchvision_resnet18(run.config.model.pretrained, variables)
+  return variables
+
+
+def _inputs(run: Run, images, labels) -> batching.DeviceInput:
+  s1 = run.config.stage1
+  train_tf = augment.transform_fn(True, size=run.size, crop=s1.crop,
+                                  scale=(float(s1.crop_scale_min), 1.0))
+  return batching.DeviceInput(images, labels, train_transform=train_tf,
+                              eval_transform=augment.transform_fn(False))
+
+
+def stage1_settings(config) -> stage1_lib.Stage1Settings:
+  s1 = config.stage1
+  return stage1_lib.Stage1Settings(
+      epochs=s1.epochs, batch_size=s1.batch_size, learning_rate=s1.learning_rate,
+      momentum=s1.momentum, weight_decay=s1.weight_decay, warmup_epochs=s1.warmup_epochs,
+      label_smoothing=s1.label_smoothing)
+
+
+def train_classifier(run: Run, name: str, images: np.ndarray, epochs: int = 0):
+  """Stage 1 on `images` (train split); returns (net, final variables, accuracy on the queries).
+
+  epochs > 0 overrides stage1.epochs (the saliency bootstrap network).
+  """
+  ds, settings = run.dataset, stage1_settings(run.config)
+  if epochs > 0:
+    settings = dataclasses.replace(settings, epochs=int(epochs))
+  train_in = _inputs(run, images[ds.is_train], ds.labels[ds.is_train])
+  query_in = _inputs(run, images[~ds.is_train], ds.labels[~ds.is_train])
+  net = make_net(run.config, len(ds.class_names))
+  steps = train_in.steps_per_epoch(settings.batch_size, train_in.num_examples >= settings.batch_size)
+  optimizer = stage1_lib.make_optimizer(settings, steps)
+  key = run.stage_key(name)
+  parallel.check_divisible(settings.batch_size, run.mesh, "stage1.batch_size")
+  state = stage1_lib.create_state(init_variables(run, net, key), optimizer)
+  with StageCheckpoints(run.wd.dir("ckpt", name), best_metric="accuracy") as ckpt:
+    start, acc = 0, float("nan")
+    if ckpt.latest_step() is not None:
+      state, meta = ckpt.restore(ckpt.latest_step(), state)
+      start, acc = int(meta["epoch"]), float(meta["metrics"]["accuracy"])
+      run.echo(f"{name}: resuming after epoch {start}")
+    state = parallel.replicate(state, run.mesh)
+    for epoch in range(start, settings.epochs):
+      state, train_stats = _classifier_epoch(run, name, net, optimizer, settings, state,
+                                             train_in, key, epoch)
+      acc = _query_accuracy(run, net, stage1_lib.variables_of(state), query_in)
+      ckpt.save(epoch + 1, state, {"epoch": epoch + 1, "metrics": {"accuracy": acc}})
+      run.wd.log(name, epoch=epoch + 1, accuracy=acc, **train_stats)
+      run.echo(f"{name}: epoch {epoch + 1}/{settings.epochs} loss {train_stats['loss']:.4f} "
+               f"train acc {train_stats['train_accuracy']:.3f} query acc {acc:.4f}")
+  # Downstream stages use the final epoch (the best one is kept on disk too):
+  # picking the epoch by query accuracy would tune on the test set.
+  return net, stage1_lib.variables_of(state), acc
+
+
+def _classifier_epoch(run, name, net, optimizer, settings, state, train_in, key, epoch):
+  sums, count = {}, 0
+  # Full batches only, unless the set is smaller than one batch (tiny runs).
+  drop = train_in.num_examples >= settings.batch_size
+  progress = progress_bar(run, train_in.steps_per_epoch(settings.batch_size, drop) * settings.batch_size,
+                       f"{name} epoch {epoch + 1}")
+  for batch in train_in.train_batches(key, epoch, settings.batch_size, drop_remainder=drop):
+    batch = parallel.shard_batch(batch, run.mesh)
+    state, m = stage1_lib.train_step(state, batch, net=net, optimizer=optimizer,
+                                     label_smoothing=settings.label_smoothing)
+    for k, v in m.items():
+      sums[k] = sums.get(k, 0.0) + v
+    count += 1
+    progress.update(settings.batch_size)
+  progress.close()
+  stats = {k: float(v) / max(count, 1) for k, v in sums.items()}
+  if not np.isfinite(stats.get("loss", 0.0)):
+    raise FloatingPointError(
+        f"{name}: the loss became {stats['loss']} in epoch {epoch + 1}; the last good "
+        "checkpoint is kept: lower stage1.learning_rate and run again to resume.")
+  stats["train_accuracy"] = stats.pop("accuracy", 0.0)
+  return state, stats
+
+
+def _query_accuracy(run, net, variables, query_in) -> float:
+  out = inference.run_network(net, variables, query_in, batch_size=run.config.eval.batch_size,
+                              mesh=run.mesh)
+  return metrics.accuracy(out["logits"], query_in.labels_np)
+
+
+def encode_all(run: Run, net, variables, images, desc: str, with_maps: bool = False) -> dict:
+  """Eval-mode outputs for every image, with a progress bar (a long pass on big sets)."""
+  progress = progress_bar(run, len(images), desc)
+  out = inference.run_network(net, variables, batching.DeviceInput(images, run.dataset.labels),
+                              batch_size=run.config.eval.batch_size, with_maps=with_maps,
+                              progress=progress.update, mesh=run.mesh)
+  progress.close()
+  return out
+
+
+def stage_stage1(run: Run) -> dict:
+  _, _, acc = train_classifier(run, "stage1", run.crops)
+  return {"accuracy": acc}
+
+
+def restore_stage1(run: Run):
+  """The final stage-1 network of a finished run (for stage 2, evaluation, search)."""
+  net = make_net(run.config, len(run.dataset.class_names))
+  key = run.stage_key("stage1")
+  variables = init_variables_shapes(run, net, key)
+  like = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+  with StageCheckpoints(run.wd.file("ckpt", "stage1"), best_metric="accuracy") as ckpt:
+    step = ckpt.latest_step()
+    if step is None:
+      raise ValueError(f"{run.wd.path} has no stage-1 checkpoint; run the stage1 stage first.")
+    full, _ = ckpt.restore(step, _state_like(like))
+  return net, {"params": full["params"], "batch_stats": full["batch_stats"]}
+
+
+def init_variables_shapes(run: Run, net, key):
+  dummy = jax.ShapeDtypeStruct((1, run.size, run.size, 3), jnp.float32)
+  shapes = jax.eval_shape(functools.partial(net.init, train=False), key, dummy)
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def _state_like(variables):
+  s1 = stage1_lib.Stage1Settings()
+  return stage1_lib.create_state(variables, stage1_lib.make_optimizer(s1, 1))
+

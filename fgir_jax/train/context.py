@@ -1,0 +1,42 @@
+"""What every stage shares: the config, the work directory, the loaded arrays, the device mesh."""
+
+from __future__ import annotations
+
+import jax
+
+from fgir_jax import parallel
+from fgir_jax.progress import Progress
+from fgir_jax.train import config as config_lib
+from fgir_jax.train.workdir import Workdir
+
+
+class Run:
+  """The config, the work directory and the arrays the stages load and hand on."""
+
+  def __init__(self, config, workdir: str, echo=print):
+    self.config = config
+    self.stages = config_lib.stage_list(config)
+    self.bits = config_lib.bit_list(config)
+    self.wd = Workdir(workdir, config.to_dict(), overwrite=bool(config.overwrite))
+    self.echo = echo
+    self.key = jax.random.key(int(config.seed))
+    # Train steps, the miner and the evaluation run data-parallel over this mesh.
+    self.mesh = parallel.data_mesh(int(config.parallel.devices))
+    self.dataset = None      # data_lib.Dataset, rows in source order
+    self.images = None       # (n, s, s, 3) uint8, uncropped
+    self.crops = None        # (n, s, s, 3) uint8, saliency crops (or the images)
+
+  @property
+  def size(self) -> int:
+    return int(self.config.data.image_size)
+
+  @property
+  def cache_dir(self) -> str:
+    return self.config.data.cache_dir or self.wd.dir("cache")
+
+  def stage_key(self, name: str) -> jax.Array:
+    return jax.random.fold_in(self.key, sum(map(ord, name)))
+
+
+def progress_bar(run: Run, total: int, desc: str) -> Progress:
+  return Progress(total, desc, enabled=bool(run.config.progress))

@@ -1,0 +1,67 @@
+"""The saliency stage (PAPER.md step 1): maps from a CNN's last feature map -> boxes -> crops."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from fgir_jax import data as data_lib
+from fgir_jax import saliency
+from fgir_jax.train import classifier
+from fgir_jax.train.context import Run
+from fgir_jax.train.workdir import write_json
+
+
+def saliency_network(run: Run):
+  """The network whose last feature map gives the saliency maps."""
+  sal = run.config.saliency
+  if sal.network == "pretrained":
+    if not run.config.model.pretrained:
+      raise ValueError("saliency.network='pretrained' needs --config.model.pretrained=FILE "
+                       "(a torchvision resnet18 .npz or .pth), or use saliency.network='stage1'.")
+    net = classifier.make_net(run.config, len(run.dataset.class_names), enhance=False)
+    return net, classifier.init_variables(run, net, run.stage_key("saliency_net")), None
+  if sal.network != "stage1":
+    raise ValueError(f"saliency.network must be 'pretrained' or 'stage1', got {sal.network!r}.")
+  # Bootstrap: a CE network trained on the uncropped images finds the object.
+  net, variables, acc = classifier.train_classifier(run, "saliency_net", run.images,
+                                        epochs=int(sal.epochs))
+  run.wd.log("saliency_net", uncropped_accuracy=acc)
+  return net, variables, acc
+
+
+def stage_saliency(run: Run) -> dict:
+  sal, ds = run.config.saliency, run.dataset
+  net, variables, uncropped_accuracy = saliency_network(run)
+  out = classifier.encode_all(run, net, variables, run.images, "saliency maps", with_maps=True)
+  boxes = np.asarray(saliency.boxes_from_maps(out["maps"], alpha=sal.alpha, mode=sal.mode,
+                                              image_size=(run.size, run.size), margin=sal.margin))
+  out_dir = run.wd.dir("saliency")
+  np.savez(os.path.join(out_dir, "boxes.npz"), boxes=boxes, maps=out["maps"])
+  summary = {"alpha": sal.alpha, "mode": sal.mode,
+             "mean_box_area": float(np.mean((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])))}
+  if uncropped_accuracy is not None:
+    # The bootstrap network is stage 1 on uncropped images: "saliency off" for free.
+    summary["uncropped_accuracy"] = uncropped_accuracy
+  if ds.boxes is not None:
+    summary["corloc"] = saliency.corloc(boxes, ds.boxes)
+    summary["mean_iou"] = float(np.mean(np.asarray(saliency.iou(boxes, ds.boxes))))
+    # The same measure for the uncropped image as a baseline: how much the crop localises.
+    summary["full_image_corloc"] = saliency.corloc(np.tile([[0, 0, 1, 1]], (len(boxes), 1)), ds.boxes)
+  run.wd.log("saliency", **summary)
+  write_json(os.path.join(out_dir, "summary.json"), summary)
+  return summary
+
+
+def load_crops(run: Run) -> None:
+  """run.crops: the saliency crops when the saliency stage ran, else the images."""
+  path = run.wd.file("saliency", "boxes.npz")
+  if not run.config.saliency.enabled or not os.path.exists(path):
+    run.crops = run.images
+    return
+  boxes = np.load(path)["boxes"]
+  run.crops = data_lib.cached_crops(run.dataset, boxes, run.size, run.cache_dir,
+                                    skip_bad=run.config.data.skip_bad,
+                                    progress=bool(run.config.progress)).images
+
