@@ -29,6 +29,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   from fgir_jax.train import pipeline  # pylint: disable=g-import-not-at-top  (fast --help)
   try:
+    start_distributed(_CONFIG.value)
     results = pipeline.run(_CONFIG.value, _WORKDIR.value)
   except (ValueError, FileNotFoundError, FloatingPointError, ImportError) as e:
     if _DEBUG.value:
@@ -42,6 +43,14 @@ def main(argv):
   if results.get("map"):
     shown = ", ".join(f"{b} bits {v:.4f}" for b, v in results["map"].items())
     print(f"mAP: {shown}  (results in {_WORKDIR.value}/results.json)")
+
+
+def start_distributed(config) -> None:
+  """Several hosts: connect them before any JAX work (config.parallel.distributed)."""
+  p = config.parallel
+  if p.distributed:
+    from fgir_jax import parallel  # pylint: disable=g-import-not-at-top
+    parallel.initialize(p.coordinator_address, p.num_processes, p.process_id)
 
 
 def parse_flags(argv):

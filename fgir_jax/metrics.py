@@ -45,6 +45,7 @@ from scipy import special  # a dependency of jax itself
 
 from fgir_jax import _validate
 from fgir_jax import codes as codes_lib
+from fgir_jax import parallel
 
 TIES = ("stable", "average")
 
@@ -61,7 +62,7 @@ _NO_RANK = np.iinfo(np.int32).max  # rank of a padding slot: after every real on
 
 
 def mean_average_precision(q_codes, q_labels, db_codes, db_labels, topk=None, ties="stable",
-                           *, chunk_size=None) -> float:
+                           *, chunk_size=None, mesh=None) -> float:
   """Mean average precision over a Hamming ranking of the database.
 
   Args:
@@ -83,32 +84,35 @@ def mean_average_precision(q_codes, q_labels, db_codes, db_labels, topk=None, ti
       expectations).
     chunk_size: queries per jitted call; None sizes chunks to a working set of
       about 8 MiB, which keeps them in the CPU caches.
+    mesh: a `jax.sharding.Mesh` (fgir_jax.parallel.data_mesh): each chunk's
+      queries are split over its devices, the database replicated on each.
+      Same values as without it.
   Returns:
     The mean over the queries that have at least one relevant item in the
     database (queries without any are left out), as a Python float; NaN when
     no query has a relevant item.
   """
   aps = average_precisions(q_codes, q_labels, db_codes, db_labels, topk=topk, ties=ties,
-                           chunk_size=chunk_size)
+                           chunk_size=chunk_size, mesh=mesh)
   return _mean_over_defined(aps)
 
 
 def average_precisions(q_codes, q_labels, db_codes, db_labels, topk=None, ties="stable",
-                       *, chunk_size=None) -> np.ndarray:
+                       *, chunk_size=None, mesh=None) -> np.ndarray:
   """Per-query average precision; see `mean_average_precision` for the arguments.
 
   Returns:
     (n_q,) float64; NaN for a query with no relevant item in the database.
   """
   problem = _prepare(q_codes, q_labels, db_codes, db_labels, ties=ties, chunk_size=chunk_size,
-                     k=topk, k_name="topk", k_optional=True)
+                     k=topk, k_name="topk", k_optional=True, mesh=mesh)
   if ties == "stable":
     return _stable_scores(problem, functools.partial(_stable_ap, topk=problem.k))
   return _average_scores(problem, functools.partial(_tie_aware_ap, topk=problem.k))
 
 
 def precision_at_k(q_codes, q_labels, db_codes, db_labels, k, ties="stable",
-                   *, chunk_size=None) -> float:
+                   *, chunk_size=None, mesh=None) -> float:
   """Mean precision in the first k items of the Hamming ranking.
 
   Arguments as for `mean_average_precision`; k is a positive int, and a k
@@ -121,7 +125,7 @@ def precision_at_k(q_codes, q_labels, db_codes, db_labels, k, ties="stable",
     when there are none.
   """
   problem = _prepare(q_codes, q_labels, db_codes, db_labels, ties=ties, chunk_size=chunk_size,
-                     k=k, k_name="k", k_optional=False)
+                     k=k, k_name="k", k_optional=False, mesh=mesh)
   k = min(problem.k, problem.n_db)
   if ties == "stable":
     scores = _stable_scores(problem, functools.partial(_stable_precision, k=k))
@@ -185,13 +189,14 @@ class _Problem:
     levels: number of possible distances, 8 * bytes + 1.
   """
 
-  def __init__(self, q_bytes, db_bytes, q_labels, db_labels, k, chunk_size):
+  def __init__(self, q_bytes, db_bytes, q_labels, db_labels, k, chunk_size, mesh=None):
     self.q_words = codes_lib.as_words(q_bytes)
     self.db_words = jnp.asarray(codes_lib.as_words(db_bytes))
     self.n_q, self.n_db = q_bytes.shape[0], db_bytes.shape[0]
     self.levels = 8 * q_bytes.shape[1] + 1
     self.k = k
     self.chunk_size = chunk_size
+    self.mesh = mesh
     classes, db_class = np.unique(db_labels, return_inverse=True)
     pos = np.clip(np.searchsorted(classes, q_labels), 0, len(classes) - 1)
     found = classes[pos] == q_labels
@@ -201,7 +206,8 @@ class _Problem:
     self.n_relevant = np.where(found, self.class_size[pos], 0).astype(np.int64)
 
 
-def _prepare(q_codes, q_labels, db_codes, db_labels, *, ties, chunk_size, k, k_name, k_optional):
+def _prepare(q_codes, q_labels, db_codes, db_labels, *, ties, chunk_size, k, k_name, k_optional,
+             mesh=None):
   """Every argument check, cheapest first, then packing and label ids."""
   _validate.check_choice(ties, TIES, "ties")
   k = _check_k(k, k_name, k_optional)
@@ -214,7 +220,7 @@ def _prepare(q_codes, q_labels, db_codes, db_labels, *, ties, chunk_size, k, k_n
   q_bytes, db_bytes, _ = codes_lib.pack_pair(q_codes, db_codes)
   q_labels = np.asarray(q_labels).astype(np.int64)
   db_labels = np.asarray(db_labels).astype(np.int64)
-  return _Problem(q_bytes, db_bytes, q_labels, db_labels, k, chunk_size)
+  return _Problem(q_bytes, db_bytes, q_labels, db_labels, k, chunk_size, mesh)
 
 
 def _check_k(value, name, optional):
@@ -241,11 +247,12 @@ def _chunk_rows(problem: _Problem, per_query_elements: int) -> int:
   so the padded last chunk wastes little."""
   cap = problem.chunk_size or max(1, min(_MAX_CHUNK, _CHUNK_ELEMENTS // per_query_elements))
   cap = min(cap, problem.n_q)
-  return -(-problem.n_q // -(-problem.n_q // cap))
+  rows = -(-problem.n_q // -(-problem.n_q // cap))
+  return parallel.padded_rows(rows, problem.mesh)  # every device gets the same share
 
 
-def _chunks(kernel, rows: int, per_query: list[np.ndarray]):
-  """Runs `kernel` on padded chunks of the per-query arrays.
+def _chunks(kernel, rows: int, per_query: list[np.ndarray], database: tuple = ()):
+  """Runs kernel(*per-query chunk, *database) on padded chunks of the per-query arrays.
 
   Yields (start, stop, host outputs). Chunk i + 1 is dispatched before the
   host reads chunk i, so the device never waits for the host's float64 work.
@@ -255,7 +262,7 @@ def _chunks(kernel, rows: int, per_query: list[np.ndarray]):
   for start in range(0, n, rows):
     stop = min(n, start + rows)
     padded = [_pad_rows(a[start:stop], rows) for a in per_query]
-    out = kernel(*padded)
+    out = kernel(*padded, *database)
     if pending is not None:
       yield pending[0], pending[1], jax.device_get(pending[2])
     pending = (start, stop, out)
@@ -302,11 +309,12 @@ def _bincount(keys, length):
 def _average_scores(problem: _Problem, score_fn) -> np.ndarray:
   """Per-query scores from the level histograms; NaN without relevant items."""
   rows = _chunk_rows(problem, 3 * problem.n_db + 4 * problem.levels)
-  db_words, db_class = problem.db_words, jnp.asarray(problem.db_class)
-  kernel = lambda q_words, q_class: _level_histograms(
-      q_words, q_class, db_words, db_class, levels=problem.levels)
+  database = (problem.db_words, jnp.asarray(problem.db_class))
+  # With a mesh, each chunk's queries are split over the devices.
+  kernel = parallel.shard_rows(_level_histograms, problem.mesh, 2, 2, levels=problem.levels)
   out = np.full(problem.n_q, np.nan)
-  for start, stop, (counts, relevant) in _chunks(kernel, rows, [problem.q_words, problem.q_class]):
+  for start, stop, (counts, relevant) in _chunks(kernel, rows, [problem.q_words, problem.q_class],
+                                                   database):
     n = stop - start
     out[start:stop] = score_fn(counts[:n].astype(np.float64), relevant[:n].astype(np.float64))
   out[problem.n_relevant == 0] = np.nan
@@ -484,12 +492,11 @@ def _stable_scores(problem: _Problem, score_fn) -> np.ndarray:
   first = (np.cumsum(problem.class_size) - problem.class_size).astype(np.int32)
   q_first = np.where(problem.q_class >= 0, first[problem.q_class], 0).astype(np.int32)
   q_count = problem.n_relevant.astype(np.int32)
-  db_words, by_class = problem.db_words, jnp.asarray(by_class)
-  kernel = lambda q_words, q_first, q_count: _stable_ranks(
-      q_words, q_first, q_count, db_words, by_class, levels=levels, blocks=blocks,
-      max_relevant=max_relevant)
+  database = (problem.db_words, jnp.asarray(by_class))
+  kernel = parallel.shard_rows(_stable_ranks, problem.mesh, 3, 2, levels=levels, blocks=blocks,
+                               max_relevant=max_relevant)
   per_query = [problem.q_words, q_first, q_count]
-  for start, stop, ranks in _chunks(kernel, rows, per_query):
+  for start, stop, ranks in _chunks(kernel, rows, per_query, database):
     out[start:stop] = score_fn(ranks[:stop - start].astype(np.float64), q_count[start:stop])
   out[problem.n_relevant == 0] = np.nan
   return out

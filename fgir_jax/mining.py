@@ -51,6 +51,7 @@ from jax.scipy.special import ndtri
 
 from fgir_jax import _validate
 from fgir_jax import losses
+from fgir_jax import parallel
 
 # Rows of distances that one selection sub-block may hold: the count passes
 # then run in cache (2 MiB L2 per core here). Smaller blocks also wait less
@@ -67,7 +68,7 @@ _INTERP_STEPS = 16
 # ----------------------------------------------------------------------------
 # Public API.
 # ----------------------------------------------------------------------------
-def hard_triplets(key, dist, labels, beta=0.5, neg_factor=0.1):
+def hard_triplets(key, dist, labels, beta=0.5, neg_factor=0.1, *, mesh=None):
   """Eq. 4: one hard triplet per anchor from a distance matrix.
 
   Args:
@@ -83,6 +84,8 @@ def hard_triplets(key, dist, labels, beta=0.5, neg_factor=0.1):
       (that row holds (i, i, i) so that gathers stay in range).
   Windows are w_p = max(1, floor(P_num * beta)) and
   w_n = max(1, floor(N_num * beta * neg_factor)), in float64 arithmetic.
+  mesh: a `jax.sharding.Mesh` (fgir_jax.parallel.data_mesh) splits the
+  anchors over its devices; the triplets are the same.
   """
   key = _check_key(key)
   shape = _validate.check_ndim(dist, 2, "dist", "a 2-d (n, n) distance matrix")
@@ -94,11 +97,12 @@ def hard_triplets(key, dist, labels, beta=0.5, neg_factor=0.1):
   _validate.check_labels(labels, n)
   plan, k_pos = _plan(labels, n, beta, neg_factor)
   block = _sub_block(n)
-  return _mine(key, _as_float(dist), *plan, k_pos=k_pos, block=block, sub=block, metric=None)
+  return _mine(key, _as_float(dist), *plan, k_pos=k_pos, block=block, sub=block, metric=None,
+               mesh=mesh)
 
 
 def hard_triplets_from_embeddings(key, embeddings, labels, beta=0.5, neg_factor=0.1,
-                                  metric="euclidean", block_size=128):
+                                  metric="euclidean", block_size=128, *, mesh=None):
   """Eq. 4 straight from embeddings, without the (n, n) matrix: memory O(block_size * n).
 
   Gives the triplets of `hard_triplets(key, losses.pairwise_distances(
@@ -115,6 +119,8 @@ def hard_triplets_from_embeddings(key, embeddings, labels, beta=0.5, neg_factor=
       `losses.pairwise_distances`.
     block_size: anchors per block (>= 8); each block holds a few
       (block_size, n) float32 arrays, e.g. ~50 MB each at 100,000 points.
+    mesh: as in `hard_triplets`: anchors split over the devices, embeddings
+      replicated on each.
   Returns:
     (triplets (n, 3) int32, valid (n,) bool), as `hard_triplets`.
   """
@@ -131,7 +137,7 @@ def hard_triplets_from_embeddings(key, embeddings, labels, beta=0.5, neg_factor=
   emb = losses._as_float(embeddings)  # distances in its dtype, ranked in float32
   block = min(int(block_size), n)
   return _mine(key, emb, *plan, k_pos=k_pos, block=block, sub=min(_sub_block(n), block),
-               metric=metric)
+               metric=metric, mesh=mesh)
 
 
 def window_sizes(labels, beta=0.5, neg_factor=0.1):
@@ -187,9 +193,9 @@ def _sub_block(n):
   return min(rows, n)
 
 
-@functools.partial(jax.jit, static_argnames=("k_pos", "block", "sub", "metric"))
+@functools.partial(jax.jit, static_argnames=("k_pos", "block", "sub", "metric", "mesh"))
 def _mine(key, source, cls, n_pos, n_neg, table, wp_table, wn_table, *, k_pos, block, sub,
-          metric):
+          metric, mesh=None):
   """source: (n, n) distances (metric None) or (n, d) embeddings (metric str)."""
   n = source.shape[0]
   if n_pos is None:  # traced labels: count class sizes by sorting
@@ -197,50 +203,90 @@ def _mine(key, source, cls, n_pos, n_neg, table, wp_table, wn_table, *, k_pos, b
     size = (jnp.searchsorted(ordered, cls, side="right")
             - jnp.searchsorted(ordered, cls, side="left")).astype(jnp.int32)
     n_pos, n_neg = size - 1, n - size
+  # Every anchor's ranks come from one draw, whatever the devices: sharding
+  # cannot change the triplets.
   rank_p, rank_n = _draw_ranks(key, wp_table[n_pos], wn_table[n_neg])
+  if metric is not None:
+    source = losses._prepare(source, metric, center=jnp.mean(source, axis=0))
+  args = (source, cls, table, (rank_p, n_pos), (rank_n, n_neg))
+  static = dict(k_pos=k_pos, block=block, sub=sub, metric=metric)
+  if parallel.size(mesh) == 1:
+    pos, neg = _mine_rows(0, n, *args, **static)
+  else:
+    pos, neg = _mine_sharded(n, args, static, mesh)
+  anchors = jnp.arange(n, dtype=jnp.int32)
+  valid = (n_pos > 0) & (n_neg > 0)
+  triplets = jnp.stack([anchors, jnp.where(valid, pos, anchors),
+                        jnp.where(valid, neg, anchors)], axis=1)
+  return triplets, valid
 
+
+def _mine_sharded(n, args, static, mesh):
+  """The anchors split over the mesh's devices, each with all the points (replicated)."""
+  per = -(-n // parallel.size(mesh))
+
+  def shard(args):
+    # The last shard is shifted back to end at n rather than padded (rows are
+    # independent, so the overlap is harmless).
+    first = jnp.minimum(lax.axis_index(parallel.BATCH_AXIS) * per, n - per)
+    pos, neg = _mine_rows(first, per, *args, **static)
+    return pos, neg, first + jnp.arange(per, dtype=jnp.int32)
+
+  rows = jax.sharding.PartitionSpec(parallel.BATCH_AXIS)
+  pos, neg, anchor = jax.shard_map(shard, mesh=mesh, in_specs=(jax.sharding.PartitionSpec(),),
+                                   out_specs=rows, check_vma=False)(args)
+  zeros = jnp.zeros((n,), jnp.int32)
+  return zeros.at[anchor].set(pos), zeros.at[anchor].set(neg)
+
+
+def _mine_rows(first, count, source, cls, table, positives, negatives, *, k_pos, block, sub,
+               metric):
+  """(positive, negative) columns of anchors first .. first + count - 1.
+
+  first may be traced, count is static; positives / negatives are (rank,
+  count) pairs for all n anchors.
+  """
+  block = min(block, count)
+  sub = min(sub, block)
   if metric is None:
     def rows(start):
       return lax.dynamic_slice_in_dim(source, start, block)
   else:
-    x, sq = losses._prepare(source, metric, center=jnp.mean(source, axis=0))
+    x, sq = source
 
     def rows(start):
       x_b = lax.dynamic_slice_in_dim(x, start, block)
       sq_b = lax.dynamic_slice_in_dim(sq, start, block)
       return losses._from_gram(sq_b, sq, x_b @ x.T, metric).astype(jnp.float32)
 
-  def select_rows(start, d, out):
-    """Writes the positives and negatives of anchors start .. start + len(d)."""
+  def select_rows(start, local, d, out):
+    """Writes the positives and negatives of anchors start .. start + len(d) at `local`."""
     take = functools.partial(lax.dynamic_slice_in_dim, start_index=start, slice_size=d.shape[0])
     pos, neg = _select_block(d, start + jnp.arange(d.shape[0]), take(cls), cls, table,
-                             (take(rank_p), take(n_pos)), (take(rank_n), take(n_neg)), k_pos)
-    return (lax.dynamic_update_slice_in_dim(out[0], pos, start, 0),
-            lax.dynamic_update_slice_in_dim(out[1], neg, start, 0))
+                             tuple(map(take, positives)), tuple(map(take, negatives)), k_pos)
+    return (lax.dynamic_update_slice_in_dim(out[0], pos, local, 0),
+            lax.dynamic_update_slice_in_dim(out[1], neg, local, 0))
 
   def one_block(b, out):
-    # The last block is shifted back to end at n (overlapping the previous
-    # one) rather than padded: rows are independent, so overlap is harmless.
-    start = jnp.minimum(b * block, n - block)
+    # The last block is shifted back to end at `count` (overlapping the
+    # previous one) rather than padded: rows are independent.
+    local = jnp.minimum(b * block, count - block)
+    start = first + local
     d = rows(start)
     if sub == block:
-      return select_rows(start, d, out)
+      return select_rows(start, local, d, out)
 
     # Distances come in big blocks (one efficient matrix product), selection
     # in sub-blocks whose rows stay in cache across the count passes.
     def one_sub(j, out):
       offset = jnp.minimum(j * sub, block - sub)
-      return select_rows(start + offset, lax.dynamic_slice_in_dim(d, offset, sub), out)
+      return select_rows(start + offset, local + offset,
+                         lax.dynamic_slice_in_dim(d, offset, sub), out)
 
     return lax.fori_loop(0, -(-block // sub), one_sub, out)
 
-  zeros = jnp.zeros((n,), jnp.int32)
-  pos, neg = lax.fori_loop(0, -(-n // block), one_block, (zeros, zeros))
-  anchors = jnp.arange(n, dtype=jnp.int32)
-  valid = (n_pos > 0) & (n_neg > 0)
-  triplets = jnp.stack([anchors, jnp.where(valid, pos, anchors),
-                        jnp.where(valid, neg, anchors)], axis=1)
-  return triplets, valid
+  zeros = jnp.zeros((count,), jnp.int32)
+  return lax.fori_loop(0, -(-count // block), one_block, (zeros, zeros))
 
 
 def _select_block(d, anchors, cls_rows, cls, table, positives, negatives, k_pos):

@@ -71,6 +71,14 @@ def base_config() -> ml_collections.ConfigDict:
 
   # ---- evaluation ---------------------------------------------------------------
   c.eval = ml_collections.ConfigDict(dict(precision_k=10, batch_size=128))
+
+  # ---- devices: data-parallel over a mesh (fgir_jax/parallel.py) -------------
+  c.parallel = ml_collections.ConfigDict()
+  c.parallel.devices = 0               # local devices to use; 0: all. Batches must split evenly
+  c.parallel.distributed = False       # call jax.distributed.initialize (several hosts)
+  c.parallel.coordinator_address = config_dict.placeholder(str)  # "host:port"; unset: detected
+  c.parallel.num_processes = config_dict.placeholder(int)
+  c.parallel.process_id = config_dict.placeholder(int)
   return c
 
 

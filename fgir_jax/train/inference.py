@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fgir_jax import parallel
 from fgir_jax import saliency
 from fgir_jax.data import batching
 
@@ -32,15 +33,20 @@ def _forward(variables, images, *, net: nn.Module, with_maps: bool):
 
 
 def run_network(net: nn.Module, variables: dict, inputs: batching.DeviceInput, *,
-                batch_size: int = 128, with_maps: bool = False, progress=None) -> dict:
+                batch_size: int = 128, with_maps: bool = False, progress=None,
+                mesh=None) -> dict:
   """Eval-mode outputs of `net` for every example of `inputs`, in order.
 
   Returns NumPy arrays: "pooled" (n, c), "logits" (n, classes) when the net
   has a classifier, "maps" (n, h', w') saliency maps when `with_maps`.
+  `mesh`: split each batch over its devices (batch_size a multiple of them).
   """
+  parallel.check_divisible(batch_size, mesh, "eval.batch_size")
+  variables = parallel.replicate(variables, mesh)
   chunks = []
   for batch in inputs.eval_batches(batch_size):
-    out = _forward(variables, batch["image"], net=net, with_maps=with_maps)
+    image = parallel.shard_batch(batch["image"], mesh)
+    out = _forward(variables, image, net=net, with_maps=with_maps)
     chunks.append((np.asarray(batch["mask"]), jax.device_get(out)))
     if progress is not None:
       progress(int(np.asarray(batch["mask"]).sum()))

@@ -28,6 +28,7 @@ import optax
 
 from fgir_jax import losses
 from fgir_jax import mining
+from fgir_jax import parallel
 from fgir_jax.models.heads import HashHead
 
 LOSSES = ("adaptive", "triplet", "ce")
@@ -174,15 +175,15 @@ def hash_params(state: dict) -> dict:
   return {"kernel": kernel, "bias": params["bias"] - norm["mean"] @ kernel}
 
 
-def mine_triplets(key, params, features, labels, settings: Stage2Settings):
+def mine_triplets(key, params, features, labels, settings: Stage2Settings, mesh=None):
   """Eq. 4 over the whole training set, on the current hash outputs.
 
   Blocked over anchors: no n x n matrix, the same triplets as mining the full
-  distance matrix, and faster.
+  distance matrix, and faster. A mesh splits the anchors over its devices.
   """
   emb = hash_outputs(params, features)
   return mining.hard_triplets_from_embeddings(key, emb, labels, beta=settings.beta,
-                                              neg_factor=settings.neg_factor)
+                                              neg_factor=settings.neg_factor, mesh=mesh)
 
 
 def init_state(key, features, labels, settings: Stage2Settings, optimizer) -> dict:
@@ -231,6 +232,7 @@ def train_hash_layer(
     *,
     state: dict | None = None,
     on_epoch: Callable[[int, dict, dict], None] | None = None,
+    mesh=None,
 ) -> dict:
   """Trains the hash layer; returns the final state (`hash_params(state)` for codes).
 
@@ -240,7 +242,10 @@ def train_hash_layer(
   current triplets, so a resumed run trains exactly as an uninterrupted one.
   `on_epoch(epoch, state, stats)` is called after every epoch (metrics,
   checkpoints, evaluation) with the epoch's mean loss, d_ap, d_an and margin.
+  `mesh` (fgir_jax.parallel.data_mesh): each batch of triplets is split over
+  its devices (batch_size a multiple of them) and the miner's anchors too.
   """
+  parallel.check_divisible(settings.batch_size, mesh, "stage2.batch_size")
   features = jnp.asarray(features, jnp.float32)
   labels = np.asarray(labels)
   labels_dev = jnp.asarray(labels, jnp.int32)
@@ -253,10 +258,13 @@ def train_hash_layer(
     mine_key, shuffle_key = jax.random.split(jax.random.fold_in(run_key, epoch))
     if epoch > 0 and epoch % settings.mine_every == 0:
       state["triplets"], state["valid"] = mine_triplets(
-          mine_key, state["train"]["params"], features, labels, settings)
+          mine_key, state["train"]["params"], features, labels, settings, mesh)
     batches = _batched_triplets(shuffle_key, state["triplets"], state["valid"], settings.batch_size)
+    # (num_batches, B, ...): the scan walks the batches, the devices split each one.
+    batches = parallel.shard_batch(batches, mesh, axis=1)
     state["train"], stats = _train_epoch(
-        state["train"], features, labels_dev, *batches, settings=settings, optimizer=optimizer)
+        parallel.replicate(state["train"], mesh), features, labels_dev, *batches,
+        settings=settings, optimizer=optimizer)
     state["epoch"] = jnp.asarray(epoch + 1, jnp.int32)
     stats = {k: float(v) for k, v in stats.items()}
     stats["margin"] = stats["d_an"] - stats["d_ap"]

@@ -39,7 +39,9 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def _comparable(config_dict: dict) -> dict:
-  return {k: v for k, v in _flatten(config_dict).items() if k not in _RUN_ONLY_KEYS}
+  # Device settings too: a run may resume on another machine with other devices.
+  return {k: v for k, v in _flatten(config_dict).items()
+          if k not in _RUN_ONLY_KEYS and not k.startswith("parallel.")}
 
 
 def write_json(path: str, obj: Any) -> None:
