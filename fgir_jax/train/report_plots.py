@@ -1,0 +1,217 @@
+"""The PNG figures of report.md, each drawn only from what the run measured.
+
+Every `plot_*` function returns `(made, skipped)`: the file names it wrote
+under `plots` and, for each figure it could not draw, the reason, so that the
+report can say why a figure is missing instead of leaving a silent gap.
+
+Figures (paper numbering): map_vs_epoch (Fig. 4), distances_vs_epoch (Fig. 5),
+saliency_crops (Fig. 6), map_vs_bits (Fig. 7), and retrieval_grid (queries
+with their top-10 database images by Hamming distance).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+from fgir_jax import codes as codes_lib  # pylint: disable=g-import-not-at-top
+from fgir_jax import saliency  # pylint: disable=g-import-not-at-top
+
+NUM_SHOWN = 6         # images per figure (rows of the crop and retrieval grids)
+TOP_K = 10            # database results per query in the retrieval grid
+CROP_ALPHAS = (0.2, 0.4, 0.6)  # besides config.saliency.alpha (paper Fig. 6)
+
+
+def _save(fig, plots: str, name: str) -> list[str]:
+  fig.tight_layout()
+  fig.savefig(os.path.join(plots, name), dpi=100)
+  plt.close(fig)
+  return [name]
+
+
+# ----------------------------------------------------------------------------
+# Training curves and code length
+# ----------------------------------------------------------------------------
+def plot_stage2_curves(wd, bits: list[int], plots: str):
+  """mAP vs epoch (paper Fig. 4) and d(A,P), d(A,N) vs epoch (Fig. 5)."""
+  rows = {b: wd.read_log(f"stage2_{b}") for b in bits}
+  if not any(rows.values()):
+    reason = "no stage-2 epochs in metrics.jsonl"
+    return [], {"map_vs_epoch.png": reason, "distances_vs_epoch.png": reason}
+  made, skipped = [], {}
+  curves = {b: [(x["epoch"], x["map"]) for x in r if "map" in x] for b, r in rows.items()}
+  if any(curves.values()):
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for b, pts in curves.items():
+      if pts:
+        ax.plot(*zip(*pts), marker="o", ms=3, label=f"{b} bits")
+    ax.set(xlabel="epoch", ylabel="mAP (query set)", title="mAP vs epoch")
+    ax.legend()
+    made += _save(fig, plots, "map_vs_epoch.png")
+  else:
+    skipped["map_vs_epoch.png"] = "no stage-2 epoch logged a mAP (see stage2.eval_every)"
+  made += _plot_distances(rows, plots)
+  return made, skipped
+
+
+def _plot_distances(rows: dict, plots: str) -> list[str]:
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for b, r in rows.items():
+    r = [x for x in r if "d_ap" in x and "d_an" in x]
+    if r:
+      epochs = [x["epoch"] for x in r]
+      ax.plot(epochs, [x["d_ap"] for x in r], label=f"d(A,P) {b} bits")
+      ax.plot(epochs, [x["d_an"] for x in r], "--", label=f"d(A,N) {b} bits")
+  ax.set(xlabel="epoch", ylabel="mean distance (mined triplets)", title="Triplet distances")
+  ax.legend(fontsize=7)
+  return _save(fig, plots, "distances_vs_epoch.png")
+
+
+def plot_map_vs_bits(results: dict, plots: str):
+  """mAP vs code length (paper Fig. 7)."""
+  maps = results.get("map") or {}
+  if not maps:
+    return [], {"map_vs_bits.png": "results.json has no mAP (the evaluate stage did not run)"}
+  bits = sorted(int(b) for b in maps)
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  ax.plot(bits, [maps[str(b)] for b in bits], marker="o", label="stable ties")
+  tie = results.get("map_tie_aware") or {}
+  if tie:
+    ax.plot(bits, [tie.get(str(b), np.nan) for b in bits], marker="s", ls="--", label="tie-aware")
+  ax.set(xlabel="code length (bits)", ylabel="mAP", xticks=bits, title="mAP vs code length")
+  ax.legend()
+  return _save(fig, plots, "map_vs_bits.png"), {}
+
+
+# ----------------------------------------------------------------------------
+# Which images to show
+# ----------------------------------------------------------------------------
+def pick_queries(labels: np.ndarray, n: int = NUM_SHOWN) -> np.ndarray:
+  """n row indices into `labels`, spread over the classes, the same on every call.
+
+  Classes are taken evenly spaced over the sorted class ids, the first image
+  of each; with fewer classes than n, the second image of each follows, etc.
+  """
+  labels = np.asarray(labels)
+  classes = np.unique(labels)
+  if len(classes) > n:
+    classes = classes[np.linspace(0, len(classes) - 1, n).round().astype(int)]
+  members = [np.flatnonzero(labels == c) for c in classes]
+  picked = []
+  for rank in range(max((len(m) for m in members), default=0)):
+    picked += [int(m[rank]) for m in members if rank < len(m)]
+  return np.array(picked[:n], np.int64)
+
+
+# ----------------------------------------------------------------------------
+# Saliency crops (paper Fig. 6)
+# ----------------------------------------------------------------------------
+def plot_saliency_crops(wd, config, dataset, images, plots: str):
+  """Saliency maps and boxes at several alpha on a few test images."""
+  name = "saliency_crops.png"
+  path = wd.file("saliency", "boxes.npz")
+  if not config.saliency.enabled or not os.path.exists(path):
+    return [], {name: "the saliency stage did not run (saliency.enabled or stages)"}
+  if dataset is None or images is None:
+    return [], {name: "write_report was not given the dataset and its uncropped images"}
+  with np.load(path) as f:
+    maps = f["maps"]
+  if len(maps) != len(images) or len(images) != len(dataset.labels):
+    return [], {name: f"saliency/boxes.npz has {len(maps)} maps for {len(images)} images"}
+  test = np.flatnonzero(~dataset.is_train)
+  rows = test[pick_queries(dataset.labels[test])]
+  true = None if dataset.boxes is None else dataset.boxes[rows]
+  alphas = sorted(set(CROP_ALPHAS) | {float(config.saliency.alpha)})
+  saliency.plot_crops(np.asarray(images)[rows], maps[rows], true, alphas, os.path.join(plots, name),
+                      mode=config.saliency.mode, margin=float(config.saliency.margin),
+                      cell_inches=1.6)
+  plt.close("all")
+  return [name], {}
+
+
+# ----------------------------------------------------------------------------
+# Retrieval grid
+# ----------------------------------------------------------------------------
+def top_results(q_packed: np.ndarray, db_packed: np.ndarray, k: int = TOP_K):
+  """The k nearest database codes of each query by Hamming distance.
+
+  Args:
+    q_packed: (n_q, bytes) uint8 codes from np.packbits.
+    db_packed: (n_db, bytes) uint8, same code length.
+    k: results per query (at most n_db are returned).
+
+  Returns:
+    (indices (n_q, k) int64 into the database, distances (n_q, k) int32).
+    Ties are broken by database order (a stable sort), as the stable mAP does.
+  """
+  q_packed, db_packed, _ = codes_lib.pack_pair(q_packed, db_packed, "query", "database")
+  dist = np.asarray(codes_lib.hamming_distances(codes_lib.as_words(q_packed),
+                                                codes_lib.as_words(db_packed)))
+  order = np.argsort(dist, axis=1, kind="stable")[:, :k]
+  return order, np.take_along_axis(dist, order, axis=1)
+
+
+def longest_codes(wd):
+  """(bits, query, database) of the longest stage2/codes_<bits>.npz, or None."""
+  found = {}
+  for path in glob.glob(wd.file("stage2", "codes_*.npz")):
+    m = re.fullmatch(r"codes_(\d+)\.npz", os.path.basename(path))
+    if m:
+      found[int(m.group(1))] = path
+  if not found:
+    return None
+  bits = max(found)
+  with np.load(found[bits]) as f:
+    return bits, f["query"], f["database"]
+
+
+def plot_retrieval_grid(wd, dataset, shown, plots: str):
+  """A few queries, each with its top-10 database images (green right, red wrong)."""
+  name = "retrieval_grid.png"
+  codes = longest_codes(wd)
+  if codes is None:
+    return [], {name: "no stage2/codes_<bits>.npz (the evaluate stage did not run)"}
+  if dataset is None or shown is None:
+    return [], {name: "write_report was not given the dataset and its images"}
+  bits, q, db = codes
+  is_train = np.asarray(dataset.is_train)
+  if len(q) != (~is_train).sum() or len(db) != is_train.sum():
+    return [], {name: f"codes_{bits}.npz has {len(q)} queries / {len(db)} database rows, "
+                      f"the dataset {(~is_train).sum()} / {is_train.sum()}"}
+  q_labels, db_labels = dataset.labels[~is_train], dataset.labels[is_train]
+  rows = pick_queries(q_labels)
+  top, dist = top_results(q[rows], db, TOP_K)
+  q_images, db_images = np.asarray(shown)[~is_train], np.asarray(shown)[is_train]
+  fig, axes = plt.subplots(len(rows), 1 + top.shape[1], squeeze=False,
+                           figsize=(1.2 * (1 + top.shape[1]), 1.35 * len(rows)))
+  for i, r in enumerate(rows):
+    _cell(axes[i, 0], q_images[r], f"query: {_class(dataset, q_labels[r])}", "black")
+    for j, (d, hit) in enumerate(zip(dist[i], top[i])):
+      right = db_labels[hit] == q_labels[r]
+      _cell(axes[i, j + 1], db_images[hit], f"d={d}", "limegreen" if right else "red")
+  fig.suptitle(f"Top-{top.shape[1]} by Hamming distance, {bits} bits", fontsize=9)
+  return _save(fig, plots, name), {}
+
+
+def _class(dataset, label) -> str:
+  names = dataset.class_names
+  text = names[label] if label < len(names) else str(label)
+  return text if len(text) <= 14 else text[:13] + "."
+
+
+def _cell(ax, image, title: str, colour: str) -> None:
+  ax.imshow(image)
+  ax.set_xticks([])
+  ax.set_yticks([])
+  ax.set_title(title, fontsize=6)
+  # The frame says right (green) or wrong (red) at a glance.
+  for spine in ax.spines.values():
+    spine.set_edgecolor(colour)
+    spine.set_linewidth(3)
