@@ -140,14 +140,19 @@ def stage_stage1(run: Run) -> dict:
 
 def restore_stage1(run: Run):
   """The final stage-1 network of a finished run (for stage 2, evaluation, search)."""
+  return restore_classifier(run, "stage1")
+
+
+def restore_classifier(run: Run, name: str):
+  """(net, variables) of the last checkpoint of the classifier trained as `name`."""
   net = make_net(run.config, len(run.dataset.class_names))
-  key = run.stage_key("stage1")
-  variables = init_variables_shapes(run, net, key)
+  variables = init_variables_shapes(run, net, run.stage_key(name))
   like = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-  with StageCheckpoints(run.wd.file("ckpt", "stage1"), best_metric="accuracy") as ckpt:
+  with StageCheckpoints(run.wd.file("ckpt", name), best_metric="accuracy") as ckpt:
     step = ckpt.latest_step()
     if step is None:
-      raise ValueError(f"{run.wd.path} has no stage-1 checkpoint; run the stage1 stage first.")
+      raise ValueError(f"{run.wd.path} has no {name} checkpoint; run the {name.split('_')[0]} "
+                       "stage first (python launch.py with the same --config and --workdir).")
     full, _ = ckpt.restore(step, _state_like(like))
   return net, {"params": full["params"], "batch_stats": full["batch_stats"]}
 

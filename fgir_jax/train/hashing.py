@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fgir_jax import index as index_lib
 from fgir_jax import metrics
 from fgir_jax.train import classifier
 from fgir_jax.train import stage2 as stage2_lib
@@ -87,6 +88,19 @@ def stage_stage2(run: Run) -> dict:
   return summary
 
 
+def save_index(run: Run, bits: int, db_codes, db_labels) -> str:
+  """index/index_<bits>.npz: the database (train split) codes, labels and image paths,
+  what `launch.py --mode search` searches."""
+  ds = run.dataset
+  index = index_lib.HammingIndex(bits, class_names=list(ds.class_names))
+  paths = None
+  if ds.paths is not None:  # in-memory images (synthetic) have no file
+    paths = [os.path.abspath(p) for p, t in zip(ds.paths, ds.is_train) if t]
+  index.add(db_codes, labels=db_labels, paths=paths)
+  run.wd.dir("index")
+  return str(index.save(run.wd.file("index", f"index_{bits}.npz")))
+
+
 def stage_evaluate(run: Run) -> dict:
   feats = pooled_features(run)
   tr = feats["is_train"]
@@ -104,6 +118,7 @@ def stage_evaluate(run: Run) -> dict:
     results[f"precision_at_{k}"][str(bits)] = metrics.precision_at_k(*args, k=k, mesh=run.mesh)
     np.savez(run.wd.file("stage2", f"codes_{bits}.npz"), query=np.packbits(q, axis=1),
              database=np.packbits(db, axis=1), bits=bits)
+    save_index(run, bits, db, feats["labels"][tr])
   stage1 = run.wd.done("stage1") or {}
   results["accuracy"] = stage1.get("accuracy")
   sal = run.wd.done("saliency") or {}

@@ -189,15 +189,36 @@ def plot_retrieval_grid(wd, dataset, shown, plots: str):
   rows = pick_queries(q_labels)
   top, dist = top_results(q[rows], db, TOP_K)
   q_images, db_images = np.asarray(shown)[~is_train], np.asarray(shown)[is_train]
-  fig, axes = plt.subplots(len(rows), 1 + top.shape[1], squeeze=False,
-                           figsize=(1.2 * (1 + top.shape[1]), 1.35 * len(rows)))
-  for i, r in enumerate(rows):
-    _cell(axes[i, 0], q_images[r], f"query: {_class(dataset, q_labels[r])}", "black")
-    for j, (d, hit) in enumerate(zip(dist[i], top[i])):
-      right = db_labels[hit] == q_labels[r]
-      _cell(axes[i, j + 1], db_images[hit], f"d={d}", "limegreen" if right else "red")
-  fig.suptitle(f"Top-{top.shape[1]} by Hamming distance, {bits} bits", fontsize=9)
-  return _save(fig, plots, name), {}
+  colours = [["limegreen" if db_labels[hit] == q_labels[r] else "red" for hit in top[i]]
+             for i, r in enumerate(rows)]
+  path = image_grid(q_images[rows], [f"query: {_class(dataset, q_labels[r])}" for r in rows],
+                    [db_images[t] for t in top], [[f"d={d}" for d in row] for row in dist],
+                    os.path.join(plots, name), colours=colours,
+                    title=f"Top-{top.shape[1]} by Hamming distance, {bits} bits")
+  return [os.path.basename(path)], {}
+
+
+def image_grid(queries, query_titles, results, result_titles, path: str, colours=None,
+               title: str = "") -> str:
+  """One row per query: the query, then its results; frames coloured per result (green
+  right, red wrong, grey when unknown). Returns the PNG's path."""
+  cols = 1 + max(len(r) for r in results)
+  fig, axes = plt.subplots(len(queries), cols, squeeze=False,
+                           figsize=(1.2 * cols, 1.35 * len(queries)))
+  for i, query in enumerate(queries):
+    _cell(axes[i, 0], query, query_titles[i], "black")
+    for j in range(cols - 1):
+      if j >= len(results[i]):
+        axes[i, j + 1].axis("off")
+        continue
+      colour = colours[i][j] if colours is not None else "grey"
+      _cell(axes[i, j + 1], results[i][j], result_titles[i][j], colour)
+  if title:
+    fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
 
 
 def _class(dataset, label) -> str:

@@ -1,0 +1,211 @@
+"""Search a trained work directory with image queries, and grow its index (`launch.py --mode
+search / index`).
+
+A query goes through exactly what the database went through in training: decoded
+and resized as the cache does, cropped by the saliency box of the same network
+and threshold (the box applied to the original file, as `cached_crops` does),
+encoded by the frozen stage-1 network, hashed by the stage-2 layer. The index
+(`index/index_<bits>.npz`, written by the evaluate stage) holds the database
+codes with their labels and image paths.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+
+from fgir_jax import index as index_lib
+from fgir_jax import saliency
+from fgir_jax.data import batching
+from fgir_jax.data import cache as cache_lib
+from fgir_jax.train import classifier
+from fgir_jax.train import config as config_lib
+from fgir_jax.train import data_stage
+from fgir_jax.train import inference
+from fgir_jax.train import stage2 as stage2_lib
+from fgir_jax.train.context import Run
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def index_path(wd, bits: int) -> str:
+  return wd.file("index", f"index_{bits}.npz")
+
+
+class Searcher:
+  """The trained pieces of a work directory: saliency network, stage-1 network, hash layer, index."""
+
+  def __init__(self, config, workdir: str, bits: int | None = None):
+    if not os.path.isdir(workdir):
+      raise FileNotFoundError(f"work directory {workdir} does not exist; train a model there "
+                              "first (python launch.py --config ... --workdir DIR).")
+    self.run = Run(config, workdir, echo=lambda _: None)
+    missing = [s for s in ("stage1", "stage2", "evaluate") if self.run.wd.done(s) is None]
+    if missing:
+      raise ValueError(f"{workdir} has no trained model and index yet (stage(s) {', '.join(missing)}"
+                       " not finished); run python launch.py with the same --config and "
+                       "--workdir first.")
+    self.bits = self._pick_bits(bits)
+    self.index = index_lib.HammingIndex.load(index_path(self.run.wd, self.bits))
+    # The networks only need the class count; the labels come from the index.
+    self.run.dataset = _ClassesOnly(self.index.class_names or [])
+    self.net, self.variables = classifier.restore_stage1(self.run)
+    with np.load(self.run.wd.file("stage2", f"hash_{self.bits}.npz")) as f:
+      self.hash_params = {k: jnp.asarray(v) for k, v in f.items()}
+    self._saliency = None
+
+  def _pick_bits(self, bits):
+    trained = [b for b in config_lib.bit_list(self.run.config)
+               if os.path.exists(index_path(self.run.wd, b))]
+    if not trained:
+      raise ValueError(f"{self.run.wd.path} has no index (index/index_<bits>.npz); run the "
+                       "evaluate stage again to write it.")
+    if bits is None:
+      return max(trained)
+    if bits not in trained:
+      raise ValueError(f"no {bits}-bit model in {self.run.wd.path}; it has "
+                       f"{', '.join(map(str, trained))}-bit codes: pass --bits with one of those.")
+    return bits
+
+  # ---- images -> codes ---------------------------------------------------------
+  def encode_files(self, paths: list[str]) -> np.ndarray:
+    """(n, bits) {0,1} codes of image files, preprocessed as the training images were."""
+    size = self.run.size
+    for p in paths:
+      if not os.path.isfile(p):
+        raise FileNotFoundError(f"query image {p} does not exist; check the path.")
+    images = np.stack([cache_lib.load_image(p, size) for p in paths])
+    boxes = self.boxes(images)
+    if boxes is not None:
+      images = np.stack([cache_lib.load_image(p, size, box) for p, box in zip(paths, boxes)])
+    return self.encode_images(images)
+
+  def encode_images(self, images: np.ndarray) -> np.ndarray:
+    out = inference.run_network(self.net, self.variables,
+                                batching.DeviceInput(images, np.zeros(len(images), np.int32)),
+                                batch_size=self.run.config.eval.batch_size)
+    hashed = stage2_lib.hash_outputs(self.hash_params, jnp.asarray(out["pooled"]))
+    return np.asarray(hashed > 0, np.uint8)
+
+  def boxes(self, images: np.ndarray) -> np.ndarray | None:
+    """Saliency boxes as in training; None when the run did not crop."""
+    sal = self.run.config.saliency
+    if not sal.enabled:
+      return None
+    if self._saliency is None:
+      if sal.network == "pretrained":
+        self._saliency = self._pretrained_saliency_net()
+      else:
+        self._saliency = classifier.restore_classifier(self.run, "saliency_net")
+    net, variables = self._saliency
+    out = inference.run_network(net, variables,
+                                batching.DeviceInput(images, np.zeros(len(images), np.int32)),
+                                batch_size=self.run.config.eval.batch_size, with_maps=True)
+    return np.asarray(saliency.boxes_from_maps(out["maps"], alpha=sal.alpha, mode=sal.mode,
+                                               image_size=(self.run.size, self.run.size),
+                                               margin=sal.margin))
+
+  def _pretrained_saliency_net(self):
+    net = classifier.make_net(self.run.config, len(self.run.dataset.class_names), enhance=False)
+    return net, classifier.init_variables(self.run, net, self.run.stage_key("saliency_net"))
+
+  # ---- database images, for the grid --------------------------------------------
+  def database_image(self, item: int) -> np.ndarray:
+    """The image of index item `item`: its file, or the run's cached image (no file)."""
+    path = self.index.paths[item] if self.index.paths is not None else ""
+    if path and os.path.isfile(path):
+      return cache_lib.load_image(path, self.run.size)
+    return self._train_images()[item]
+
+  def _train_images(self) -> np.ndarray:
+    if getattr(self, "_train_cache", None) is None:
+      data_stage.stage_data(self.run)  # a cache hit: decoded in training
+      self._train_cache = self.run.images[self.run.dataset.is_train]
+    return self._train_cache
+
+
+class _ClassesOnly:
+  """What the network builders read from a Dataset: the class names."""
+
+  def __init__(self, class_names):
+    self.class_names = list(class_names)
+
+
+def search_command(config, workdir: str, queries: list[str], k: int = 10,
+                   bits: int | None = None, echo=print) -> dict:
+  """Prints the top k of each query and writes search/results.png; returns the results."""
+  if not queries:
+    raise ValueError("--mode search needs at least one --query IMAGE.")
+  if k < 1:
+    raise ValueError(f"--k must be a positive number of results, got {k}.")
+  searcher = Searcher(config, workdir, bits)
+  codes = searcher.encode_files(list(queries))
+  distances, items = searcher.index.search(codes, k=min(k, len(searcher.index)))
+  names = searcher.index.class_names or []
+  results = []
+  for q, path in enumerate(queries):
+    echo(f"query {path} ({searcher.bits} bits, {len(searcher.index)} database images)")
+    echo(f"{'rank':>4}  {'distance':>8}  {'label':<28}  path")
+    rows = []
+    for rank, (d, i) in enumerate(zip(distances[q], items[q]), 1):
+      label = int(searcher.index.labels[i])
+      name = names[label] if 0 <= label < len(names) else str(label)
+      item_path = searcher.index.paths[i] if searcher.index.paths is not None else ""
+      echo(f"{rank:>4}  {int(d):>8}  {name:<28}  {item_path or f'(database item {int(i)})'}")
+      rows.append({"rank": rank, "distance": int(d), "item": int(i), "label": label,
+                   "class_name": name, "path": item_path})
+    results.append({"query": path, "results": rows})
+  grid = _plot_grid(searcher, queries, results)
+  echo(f"grid of queries and results: {grid}")
+  return {"bits": searcher.bits, "queries": results, "grid": grid}
+
+
+def _plot_grid(searcher: Searcher, queries, results) -> str:
+  from fgir_jax.train import report_plots  # pylint: disable=g-import-not-at-top  (matplotlib)
+  size = searcher.run.size
+  query_images = np.stack([cache_lib.load_image(p, size) for p in queries])
+  rows = [[searcher.database_image(r["item"]) for r in q["results"]] for q in results]
+  titles = [[f"d={r['distance']} {r['class_name']}"[:18] for r in q["results"]] for q in results]
+  path = searcher.run.wd.file("search", "results.png")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  report_plots.image_grid(query_images, [os.path.basename(p)[:18] for p in queries], rows,
+                          titles, path)
+  return path
+
+
+def index_command(config, workdir: str, folder: str | None, bits: int | None = None,
+                  echo=print) -> dict:
+  """Adds the images under `folder` (root/<class>/<image> or root/<image>) to the index."""
+  if not folder:
+    raise ValueError("--mode index needs --images FOLDER (the images to add).")
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"image folder {folder} does not exist; check --images.")
+  paths, classes = _folder_images(folder)
+  if not paths:
+    raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); nothing to add.")
+  searcher = Searcher(config, workdir, bits)
+  names = list(searcher.index.class_names or [])
+  # Sub-folders named like a trained class take its label; other images get -1 (unknown).
+  labels = np.array([names.index(c) if c in names else -1 for c in classes], np.int64)
+  codes = searcher.encode_files(paths)
+  searcher.index.add(codes, labels=labels, paths=[os.path.abspath(p) for p in paths])
+  searcher.index.save(index_path(searcher.run.wd, searcher.bits))
+  echo(f"added {len(paths)} images to the {searcher.bits}-bit index "
+       f"({len(searcher.index)} images now; {int((labels < 0).sum())} without a known class)")
+  return {"added": len(paths), "size": len(searcher.index)}
+
+
+def _folder_images(folder: str) -> tuple[list[str], list[str]]:
+  """Image files under `folder`, sorted, with their sub-folder's path ("" at the top): a class
+  name with "/" in it is a nested folder."""
+  paths, classes = [], []
+  for root, dirs, files in os.walk(folder):
+    dirs.sort()
+    for name in sorted(files):
+      if name.lower().endswith(IMAGE_SUFFIXES):
+        paths.append(os.path.join(root, name))
+        rel = os.path.relpath(root, folder)
+        classes.append("" if rel == "." else rel.replace(os.sep, "/"))
+  return paths, classes
