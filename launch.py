@@ -1,12 +1,17 @@
-"""fgir_jax command line: train and evaluate a fine-grained retrieval model.
+"""fgir_jax command line: train, evaluate, compare and search a fine-grained retrieval model.
 
     python launch.py --config configs/demo.py --workdir runs/demo
     python launch.py --config configs/cub.py --workdir runs/cub --config.data.root=/data/CUB_200_2011
-    python launch.py --config configs/cub.py:runlocal --workdir runs/cub_local --config.stage2.bits=64
+    python launch.py --config configs/cub.py:runlocal --workdir runs/ablation --mode ablate
+    python launch.py --config configs/demo.py --workdir runs/demo --mode search --query a.jpg --k 10
+    python launch.py --config configs/demo.py --workdir runs/demo --mode index --images new_photos/
 
-Runs the stages the config names (data, saliency, stage1, stage2, evaluate,
-report); a finished stage is skipped and an interrupted one resumes from its
-last checkpoint when the same command is run again.
+--mode train (the default) runs the stages the config names (data, saliency,
+stage1, stage2, evaluate, report); a finished stage is skipped and an
+interrupted one resumes from its last checkpoint when the same command is run
+again. --mode ablate runs the paper's comparisons (fgir_jax/train/ablation.py),
+--mode search finds the database images nearest to each --query, --mode index
+adds the images of a folder to the work directory's index.
 """
 
 import sys
@@ -16,9 +21,18 @@ from absl import logging
 from absl import flags
 from ml_collections import config_flags
 
+MODES = ("train", "ablate", "search", "index")
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the run's outputs and checkpoints.")
+_MODE = flags.DEFINE_enum("mode", "train", MODES, "What to do with the work directory.")
+_VARIANTS = flags.DEFINE_string("variants", "full,resnet18,no_saliency,triplet,ce",
+                                "--mode ablate: the variants to run, comma-separated.")
+_QUERY = flags.DEFINE_multi_string("query", [], "--mode search: a query image (repeatable).")
+_K = flags.DEFINE_integer("k", 10, "--mode search: results per query.")
+_BITS = flags.DEFINE_integer("bits", None, "--mode search/index: code length (default: longest).")
+_IMAGES = flags.DEFINE_string("images", None, "--mode index: a folder of images to add.")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show the full traceback of an error.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -27,11 +41,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-  from fgir_jax.train import pipeline  # pylint: disable=g-import-not-at-top  (fast --help)
   try:
     start_distributed(_CONFIG.value)
-    results = pipeline.run(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, FloatingPointError, ImportError) as e:
+    run_mode(_MODE.value, _CONFIG.value, _WORKDIR.value)
+  except (ValueError, FileNotFoundError, FloatingPointError, ImportError, OSError) as e:
     if _DEBUG.value:
       raise
     # One clear line and a non-zero exit; outputs and checkpoints on disk stay as they are.
@@ -40,9 +53,27 @@ def main(argv):
   except KeyboardInterrupt:
     print("interrupted: run the same command again to resume.", file=sys.stderr)
     sys.exit(130)
-  if results.get("map"):
-    shown = ", ".join(f"{b} bits {v:.4f}" for b, v in results["map"].items())
-    print(f"mAP: {shown}  (results in {_WORKDIR.value}/results.json)")
+
+
+def run_mode(mode: str, config, workdir: str) -> None:
+  # Imports here keep --help fast (JAX and the models load on use).
+  # pylint: disable=g-import-not-at-top
+  if mode == "train":
+    from fgir_jax.train import pipeline
+    results = pipeline.run(config, workdir)
+    if results.get("map"):
+      shown = ", ".join(f"{b} bits {v:.4f}" for b, v in results["map"].items())
+      print(f"mAP: {shown}  (results in {workdir}/results.json, report in {workdir}/report.md)")
+  elif mode == "ablate":
+    from fgir_jax.train import ablation
+    ablation.run_ablation(config, workdir, _VARIANTS.value)
+    print(f"ablation table: {workdir}/ablation.md")
+  elif mode == "search":
+    from fgir_jax.train import search
+    search.search_command(config, workdir, _QUERY.value, k=_K.value, bits=_BITS.value)
+  else:
+    from fgir_jax.train import search
+    search.index_command(config, workdir, _IMAGES.value, bits=_BITS.value)
 
 
 def start_distributed(config) -> None:

@@ -1,0 +1,175 @@
+"""The paper's comparisons on the same data, collected into one table (`launch.py --mode ablate`).
+
+Each variant is the config with one change, run by the ordinary pipeline in
+its own work directory under the ablation's directory:
+
+  full         the config as given (ResNet18-I, saliency crop, adaptive loss)
+  resnet18     model.enhance=False: no Inception-ResNet-C block
+  no_saliency  saliency.enabled=False: stage 1 and 2 on the uncropped images
+  triplet      stage2.loss='triplet': Eq. 1 with a fixed margin
+  ce           stage2.loss='ce': the hash layer trained with cross-entropy
+
+Variants reuse what they share with `full` instead of recomputing it: all of
+them the decoded images (one cache), `resnet18`/`triplet`/`ce` its saliency
+boxes (so every network sees the same crops), `triplet`/`ce` its stage-1
+network and pooled features. Work already done is skipped, so an interrupted
+ablation resumes where it stopped when run again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from fgir_jax.train import config as config_lib
+from fgir_jax.train.workdir import Workdir, write_json
+
+VARIANTS = ("full", "resnet18", "no_saliency", "triplet", "ce")
+
+# Which stages each variant takes over from `full` (their outputs, markers and log rows).
+_SHARED = {"resnet18": ("data", "saliency"), "triplet": ("data", "saliency", "stage1"),
+           "ce": ("data", "saliency", "stage1"), "no_saliency": ("data",)}
+# What those stages leave in a work directory, beyond their marker.
+_OUTPUTS = {"saliency": ("saliency", "ckpt/saliency_net"),
+            "stage1": ("ckpt/stage1", "stage2/features.npz")}
+_LOG_STAGES = {"data": ("data",), "saliency": ("saliency", "saliency_net"),
+               "stage1": ("stage1",)}
+
+
+def variant_config(config, name: str, cache_dir: str):
+  """The config of one variant: `config` with that variant's single change."""
+  c = config.copy_and_resolve_references()
+  c.data.cache_dir = config.data.cache_dir or cache_dir
+  if name == "resnet18":
+    c.model.enhance = False
+  elif name == "no_saliency":
+    c.saliency.enabled = False
+  elif name in ("triplet", "ce"):
+    c.stage2.loss = name
+  elif name != "full":
+    raise ValueError(f"unknown ablation variant {name!r}; choose from {', '.join(VARIANTS)}.")
+  return c
+
+
+def parse_variants(text: str) -> list[str]:
+  names = [v.strip() for v in str(text).split(",") if v.strip()]
+  unknown = [v for v in names if v not in VARIANTS]
+  if unknown or not names:
+    raise ValueError(f"--variants must list some of {', '.join(VARIANTS)}, got {text!r}.")
+  # `full` first: the others take its outputs.
+  if any(v in _SHARED and len(_SHARED[v]) > 1 for v in names) and "full" not in names:
+    names.insert(0, "full")
+  return sorted(names, key=VARIANTS.index)
+
+
+def adopt(source: Workdir, target: Workdir, stages) -> None:
+  """Copies finished `stages` of `source` into `target` (which has none of them yet)."""
+  for stage in stages:
+    summary = source.done(stage)
+    if summary is None or target.done(stage) is not None:
+      continue
+    for rel in _OUTPUTS.get(stage, ()):
+      src, dst = source.file(rel), target.file(rel)
+      if os.path.isdir(src):
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+      elif os.path.exists(src):
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        shutil.copy2(src, dst)
+    for row in source.read_log():
+      if row["stage"] in _LOG_STAGES.get(stage, (stage,)):
+        target.log(row.pop("stage"), **{k: v for k, v in row.items() if k != "time"})
+    target.mark_done(stage, dict(summary, adopted_from=source.path))
+
+
+def run_ablation(config, workdir: str, variants: str = ",".join(VARIANTS), echo=print) -> dict:
+  """Runs the variants and writes ablation.md / ablation.json in `workdir`; returns the rows."""
+  from fgir_jax.train import pipeline  # pylint: disable=g-import-not-at-top  (import cycle)
+  names = parse_variants(variants)
+  os.makedirs(workdir, exist_ok=True)
+  cache_dir = os.path.join(os.path.abspath(workdir), "cache")
+  rows = {}
+  for name in names:
+    cfg = variant_config(config, name, cache_dir)
+    pipeline.check_config(cfg, config_lib.bit_list(cfg))
+    path = os.path.join(workdir, name)
+    wd = Workdir(path, cfg.to_dict(), overwrite=bool(cfg.overwrite))
+    if name in _SHARED and name != "full" and "full" in rows:
+      full_wd = Workdir(os.path.join(workdir, "full"),
+                        variant_config(config, "full", cache_dir).to_dict())
+      adopt(full_wd, wd, _SHARED[name])
+    echo(f"==== ablation variant {name}: {path}")
+    pipeline.run(cfg, path, echo=echo)
+    rows[name] = summarise(wd, cfg)
+  write_tables(workdir, config, rows)
+  return rows
+
+
+def summarise(wd: Workdir, config) -> dict:
+  """One row of the ablation table from a finished variant's results and log."""
+  with open(wd.file("results.json")) as f:
+    results = json.load(f)
+  return {"network": "ResNet18-I" if config.model.enhance else "ResNet18",
+          "saliency": bool(config.saliency.enabled), "loss": config.stage2.loss,
+          "accuracy": results.get("accuracy"), "corloc": results.get("corloc"),
+          "mean_iou": results.get("mean_iou"), "map": results.get("map", {}),
+          "map_tie_aware": results.get("map_tie_aware", {}), "dataset": results.get("dataset")}
+
+
+def write_tables(workdir: str, config, rows: dict) -> str:
+  """ablation.md (markdown table + the questions it answers) and ablation.json."""
+  from fgir_jax.train import report  # pylint: disable=g-import-not-at-top  (matplotlib)
+  bits = config_lib.bit_list(config)
+  header = (["variant", "network", "saliency crop", "stage-2 loss", "stage-1 accuracy"]
+            + [f"mAP {b} bits" for b in bits] + [f"tie-aware mAP {bits[-1]} bits", "CorLoc"])
+  table = []
+  for name, r in rows.items():
+    table.append([name, r["network"], "on" if r["saliency"] else "off", r["loss"],
+                  report.pct(r["accuracy"])]
+                 + [report.pct(r["map"].get(str(b))) for b in bits]
+                 + [report.pct(r["map_tie_aware"].get(str(bits[-1]))),
+                    report.pct(r["corloc"], missing="no true boxes" if r["saliency"] else "off")])
+  dataset = next(iter(rows.values()))["dataset"] if rows else config.data.source
+  lines = [f"# Ablation: {dataset}", "",
+           "Each variant is the config with one change (fgir_jax/train/ablation.py); "
+           "same data, split and seeds.", "", report.markdown_table(header, table), ""]
+  lines += _answers(rows, bits[-1])
+  paper = report.paper_numbers(config.data.source)
+  if paper:
+    lines += ["", f"Paper ({paper['dataset']}, full protocol, 64 bits): adaptive "
+              f"{report.pct(paper['map_by_loss'].get('adaptive'))}, CE "
+              f"{report.pct(paper['map_by_loss'].get('ce'))}; saliency: "
+              f"{paper['saliency_gain']}."]
+  path = os.path.join(workdir, "ablation.md")
+  with open(path + ".tmp", "w") as f:
+    f.write("\n".join(lines) + "\n")
+  os.replace(path + ".tmp", path)
+  write_json(os.path.join(workdir, "ablation.json"), rows)
+  return path
+
+
+def _answers(rows: dict, bits: int) -> list[str]:
+  """The paper's questions, answered only from the variants that ran."""
+  m = lambda name: rows[name]["map"].get(str(bits)) if name in rows else None
+  acc = lambda name: rows[name]["accuracy"] if name in rows else None
+  out = []
+
+  def compare(question, a, b, value):
+    va, vb = value(a), value(b)
+    if va is None or vb is None:
+      out.append(f"- {question}: not run (needs variants {a} and {b}).")
+    else:
+      verdict = "yes" if va > vb else "no"
+      out.append(f"- {question}: {verdict} ({100 * va:.2f}% vs {100 * vb:.2f}%).")
+
+  compare(f"adaptive triplet beats the classic triplet loss (mAP {bits} bits)", "full",
+          "triplet", m)
+  compare(f"adaptive triplet beats CE features (mAP {bits} bits)", "full", "ce", m)
+  compare("the saliency crop helps stage-1 accuracy", "full", "no_saliency", acc)
+  compare(f"the saliency crop helps mAP ({bits} bits)", "full", "no_saliency", m)
+  compare("ResNet18-I beats ResNet18 in stage-1 accuracy", "full", "resnet18", acc)
+  compare(f"ResNet18-I beats ResNet18 in mAP ({bits} bits)", "full", "resnet18", m)
+  corloc = rows.get("full", {}).get("corloc")
+  if corloc is not None:
+    out.append(f"- saliency boxes: CorLoc {100 * corloc:.2f}% (IoU > 0.5 with the true boxes).")
+  return ["Answers:", ""] + out
