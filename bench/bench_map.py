@@ -31,6 +31,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from timing import timed  # noqa: E402  (bench/timing.py)
 import jax  # noqa: E402
 from fgir_jax import metrics  # noqa: E402
 
@@ -62,19 +63,6 @@ def make_codes(seed, n_q, n_db, bits, classes):
   q = rng.integers(0, 256, (n_q, bits // 8), dtype=np.uint8)
   db = rng.integers(0, 256, (n_db, bits // 8), dtype=np.uint8)
   return q, rng.integers(0, classes, n_q), db, rng.integers(0, classes, n_db)
-
-
-def timed(fn, repeats):
-  """(first-call seconds, median seconds of `repeats` later calls, result)."""
-  t = time.perf_counter()
-  result = fn()
-  first = time.perf_counter() - t
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    result = fn()
-    times.append(time.perf_counter() - t)
-  return first, float(np.median(times)), result
 
 
 # ----------------------------------------------------------------------------

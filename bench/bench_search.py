@@ -35,6 +35,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from timing import timed  # noqa: E402  (bench/timing.py)
 
 
 def parse_args():
@@ -53,19 +54,6 @@ def parse_args():
   if args.bits % 8:
     p.error("--bits must be a multiple of 8 (faiss binary indexes need whole bytes)")
   return args
-
-
-def timed(fn, repeats):
-  """(first-call seconds, median seconds of `repeats` later calls, result)."""
-  t = time.perf_counter()
-  result = fn()
-  first = time.perf_counter() - t
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    result = fn()
-    times.append(time.perf_counter() - t)
-  return first, float(np.median(times)), result
 
 
 def speedup(reference: float, ours: float) -> str:
