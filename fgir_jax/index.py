@@ -128,13 +128,7 @@ def _host_codes(codes, name: str) -> np.ndarray:
 
 
 def _check_bits(bits) -> int:
-  try:
-    ok = not isinstance(bits, (bool, np.bool_)) and operator.index(bits) >= 1
-  except TypeError:
-    ok = False
-  if not ok:
-    raise ValueError(f"bits must be a positive integer (the code length), got {bits!r}.")
-  return operator.index(bits)
+  return _check_positive(bits, "bits")
 
 
 def _check_packed(packed: np.ndarray, bits: int, name: str) -> None:

@@ -21,7 +21,7 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from fgir_jax import codes as codes_lib  # pylint: disable=g-import-not-at-top
+from fgir_jax import index as index_lib  # pylint: disable=g-import-not-at-top
 from fgir_jax import saliency  # pylint: disable=g-import-not-at-top
 
 NUM_SHOWN = 6         # images per figure (rows of the crop and retrieval grids)
@@ -151,11 +151,8 @@ def top_results(q_packed: np.ndarray, db_packed: np.ndarray, k: int = TOP_K):
     (indices (n_q, k) int64 into the database, distances (n_q, k) int32).
     Ties are broken by database order (a stable sort), as the stable mAP does.
   """
-  q_packed, db_packed, _ = codes_lib.pack_pair(q_packed, db_packed, "query", "database")
-  dist = np.asarray(codes_lib.hamming_distances(codes_lib.as_words(q_packed),
-                                                codes_lib.as_words(db_packed)))
-  order = np.argsort(dist, axis=1, kind="stable")[:, :k]
-  return order, np.take_along_axis(dist, order, axis=1)
+  dist, order = index_lib.hamming_topk(q_packed, db_packed, k)
+  return order, dist
 
 
 def longest_codes(wd):
