@@ -55,6 +55,8 @@ class Searcher:
     with np.load(self.run.wd.file("stage2", f"hash_{self.bits}.npz")) as f:
       self.hash_params = {k: jnp.asarray(v) for k, v in f.items()}
     self._saliency = None
+    self._paths = self.index.paths  # a copy per access: taken once
+    self._train_images = None       # the run's cached train images, loaded on first need
 
   def _pick_bits(self, bits):
     trained = [b for b in config_lib.bit_list(self.run.config)
@@ -72,14 +74,21 @@ class Searcher:
   # ---- images -> codes ---------------------------------------------------------
   def encode_files(self, paths: list[str]) -> np.ndarray:
     """(n, bits) {0,1} codes of image files, preprocessed as the training images were."""
-    size = self.run.size
+    return self.encode_loaded(paths, self.load_files(paths))
+
+  def load_files(self, paths: list[str]) -> np.ndarray:
+    """The uncropped images of `paths`, decoded and resized as the cache does."""
     for p in paths:
       if not os.path.isfile(p):
         raise FileNotFoundError(f"query image {p} does not exist; check the path.")
-    images = np.stack([cache_lib.load_image(p, size) for p in paths])
+    return np.stack([cache_lib.load_image(p, self.run.size) for p in paths])
+
+  def encode_loaded(self, paths: list[str], images: np.ndarray) -> np.ndarray:
+    """Codes of `images` (= load_files(paths)): the saliency box is cut from the file."""
     boxes = self.boxes(images)
     if boxes is not None:
-      images = np.stack([cache_lib.load_image(p, size, box) for p, box in zip(paths, boxes)])
+      images = np.stack([cache_lib.load_image(p, self.run.size, box)
+                         for p, box in zip(paths, boxes)])
     return self.encode_images(images)
 
   def encode_images(self, images: np.ndarray) -> np.ndarray:
@@ -114,16 +123,16 @@ class Searcher:
   # ---- database images, for the grid --------------------------------------------
   def database_image(self, item: int) -> np.ndarray:
     """The image of index item `item`: its file, or the run's cached image (no file)."""
-    path = self.index.paths[item] if self.index.paths is not None else ""
+    path = self._paths[item]
     if path and os.path.isfile(path):
       return cache_lib.load_image(path, self.run.size)
-    return self._train_images()[item]
-
-  def _train_images(self) -> np.ndarray:
-    if getattr(self, "_train_cache", None) is None:
+    if self._train_images is None:
       data_stage.stage_data(self.run)  # a cache hit: decoded in training
-      self._train_cache = self.run.images[self.run.dataset.is_train]
-    return self._train_cache
+      self._train_images = self.run.images[self.run.dataset.is_train]
+    return self._train_images[item]
+
+  def path(self, item: int) -> str:
+    return self._paths[item]
 
 
 class _ClassesOnly:
@@ -141,7 +150,8 @@ def search_command(config, workdir: str, queries: list[str], k: int = 10,
   if k < 1:
     raise ValueError(f"--k must be a positive number of results, got {k}.")
   searcher = Searcher(config, workdir, bits)
-  codes = searcher.encode_files(list(queries))
+  query_images = searcher.load_files(list(queries))
+  codes = searcher.encode_loaded(list(queries), query_images)
   distances, items = searcher.index.search(codes, k=min(k, len(searcher.index)))
   names = searcher.index.class_names or []
   results = []
@@ -152,20 +162,18 @@ def search_command(config, workdir: str, queries: list[str], k: int = 10,
     for rank, (d, i) in enumerate(zip(distances[q], items[q]), 1):
       label = int(searcher.index.labels[i])
       name = names[label] if 0 <= label < len(names) else str(label)
-      item_path = searcher.index.paths[i] if searcher.index.paths is not None else ""
+      item_path = searcher.path(i)
       echo(f"{rank:>4}  {int(d):>8}  {name:<28}  {item_path or f'(database item {int(i)})'}")
       rows.append({"rank": rank, "distance": int(d), "item": int(i), "label": label,
                    "class_name": name, "path": item_path})
     results.append({"query": path, "results": rows})
-  grid = _plot_grid(searcher, queries, results)
+  grid = _plot_grid(searcher, queries, query_images, results)
   echo(f"grid of queries and results: {grid}")
   return {"bits": searcher.bits, "queries": results, "grid": grid}
 
 
-def _plot_grid(searcher: Searcher, queries, results) -> str:
+def _plot_grid(searcher: Searcher, queries, query_images, results) -> str:
   from fgir_jax.train import report_plots  # pylint: disable=g-import-not-at-top  (matplotlib)
-  size = searcher.run.size
-  query_images = np.stack([cache_lib.load_image(p, size) for p in queries])
   rows = [[searcher.database_image(r["item"]) for r in q["results"]] for q in results]
   titles = [[f"d={r['distance']} {r['class_name']}"[:18] for r in q["results"]] for q in results]
   path = searcher.run.wd.file("search", "results.png")
