@@ -65,6 +65,7 @@ def parse_variants(text: str) -> list[str]:
 
 def adopt(source: Workdir, target: Workdir, stages) -> None:
   """Copies finished `stages` of `source` into `target` (which has none of them yet)."""
+  log = source.read_log()
   for stage in stages:
     summary = source.done(stage)
     if summary is None or target.done(stage) is not None:
@@ -76,9 +77,9 @@ def adopt(source: Workdir, target: Workdir, stages) -> None:
       elif os.path.exists(src):
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         shutil.copy2(src, dst)
-    for row in source.read_log():
+    for row in log:
       if row["stage"] in _LOG_STAGES.get(stage, (stage,)):
-        target.log(row.pop("stage"), **{k: v for k, v in row.items() if k != "time"})
+        target.log(row["stage"], **{k: v for k, v in row.items() if k not in ("stage", "time")})
     target.mark_done(stage, dict(summary, adopted_from=source.path))
 
 
@@ -88,16 +89,14 @@ def run_ablation(config, workdir: str, variants: str = ",".join(VARIANTS), echo=
   names = parse_variants(variants)
   os.makedirs(workdir, exist_ok=True)
   cache_dir = os.path.join(os.path.abspath(workdir), "cache")
-  rows = {}
+  rows, workdirs = {}, {}
   for name in names:
     cfg = variant_config(config, name, cache_dir)
     pipeline.check_config(cfg, config_lib.bit_list(cfg))
     path = os.path.join(workdir, name)
-    wd = Workdir(path, cfg.to_dict(), overwrite=bool(cfg.overwrite))
-    if name in _SHARED and name != "full" and "full" in rows:
-      full_wd = Workdir(os.path.join(workdir, "full"),
-                        variant_config(config, "full", cache_dir).to_dict())
-      adopt(full_wd, wd, _SHARED[name])
+    wd = workdirs[name] = Workdir(path, cfg.to_dict(), overwrite=bool(cfg.overwrite))
+    if name in _SHARED and "full" in workdirs:
+      adopt(workdirs["full"], wd, _SHARED[name])
     echo(f"==== ablation variant {name}: {path}")
     pipeline.run(cfg, path, echo=echo)
     rows[name] = summarise(wd, cfg)
