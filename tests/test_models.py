@@ -18,6 +18,8 @@ import pytest
 from fgir_jax import models
 from fgir_jax.models import convert_weights
 
+from torch_files import write_zip
+
 RESNET18_PARAMS = 11_689_512
 EPS = 1e-5
 
@@ -242,10 +244,10 @@ def test_import_keeps_enhancement_and_hash_head_and_input_untouched():
   np.testing.assert_array_equal(loaded["params"]["classifier"]["kernel"], sd["fc.weight"].T)
 
 
-def test_other_class_count_keeps_classifier_and_warns(caplog):
+def test_other_class_count_keeps_classifier_and_says_so(caplog):
   net = models.ResNet18Tiny(num_classes=200)
   v = filled_variables(net)
-  with caplog.at_level(logging.WARNING, logger="fgir_jax"):
+  with caplog.at_level(logging.INFO, logger="fgir_jax"):  # the expected case: info, not a warning
     loaded = models.load_torchvision_resnet18(random_state_dict(width=0.125, num_classes=1000), v)
   assert "keeping the network's classifier" in caplog.text
   np.testing.assert_array_equal(loaded["params"]["classifier"]["kernel"],
@@ -285,17 +287,20 @@ def test_deeper_checkpoint_is_rejected_and_module_prefix_is_accepted():
   models.load_torchvision_resnet18(prefixed, v)
 
 
-def test_npz_file_loads_without_torch(tmp_path, monkeypatch):
+def test_npz_and_pth_files_load_without_torch(tmp_path, monkeypatch):
   sd = random_state_dict(width=0.125)
   np.savez(tmp_path / "w.npz", **sd)
+  write_zip(tmp_path / "w.pth", sd)
   v = abstract_variables(models.ResNet18Tiny(num_classes=10))
   monkeypatch.setitem(sys.modules, "torch", None)  # any torch import would now fail
-  from_file = models.load_torchvision_resnet18(str(tmp_path / "w.npz"), v)
+  from_npz = models.load_torchvision_resnet18(str(tmp_path / "w.npz"), v)
+  from_pth = models.load_torchvision_resnet18(tmp_path / "w.pth", v)
   from_dict = models.load_torchvision_resnet18(sd, v)
-  jax.tree.map(np.testing.assert_array_equal, from_file, from_dict)
-  (tmp_path / "w.pth").write_bytes(b"not read")
-  with pytest.raises(ImportError, match="convert_weights"):
-    models.load_torchvision_resnet18(tmp_path / "w.pth", v)
+  jax.tree.map(np.testing.assert_array_equal, from_npz, from_dict)
+  jax.tree.map(np.testing.assert_array_equal, from_pth, from_dict)
+  (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+  with pytest.raises(ValueError, match="junk.pth"):
+    models.load_torchvision_resnet18(tmp_path / "junk.pth", v)
   with pytest.raises(FileNotFoundError, match="nothere.npz"):
     models.load_torchvision_resnet18(tmp_path / "nothere.npz", v)
 

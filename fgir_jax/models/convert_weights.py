@@ -1,10 +1,10 @@
-"""Converts a torchvision checkpoint (.pth) to .npz, for machines without torch.
+"""Converts a PyTorch checkpoint (.pth) to a plain .npz of its tensors.
 
     python -m fgir_jax.models.convert_weights resnet18-f37072fd.pth resnet18.npz
 
-The .npz keeps torchvision's names and layouts (float32, `num_batches_tracked`
-dropped); `load_torchvision_resnet18` reads it with numpy alone. Run it where
-PyTorch is installed; it is the only part of fgir_jax that needs torch.
+The .npz keeps the checkpoint's names and layouts (float32, `num_batches_tracked`
+dropped). Neither step needs torch: the .pth is read by the allow-listed
+reader of `torch_checkpoint`, and the loaders take either file.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from fgir_jax.models import torchvision_import
+from fgir_jax.models import state_dict_import
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike) -> dict[str, tuple[int, ...]]:
@@ -23,11 +23,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike) -> dict[str, tuple[i
   dst = os.fspath(dst)
   if not dst.endswith(".npz"):
     raise ValueError(f"output {dst!r} must end in .npz.")
-  state = torchvision_import.load_state_dict(src)
+  state = state_dict_import.load_state_dict(src)
   arrays = {k: np.asarray(v, np.float32) for k, v in state.items()
             if not k.endswith("num_batches_tracked")}
-  if "conv1.weight" not in arrays:
-    raise ValueError(f"{os.fspath(src)!r} has no conv1.weight; it is not a torchvision ResNet.")
+  if "conv1.weight" not in arrays and "_conv_stem.weight" not in arrays:
+    raise ValueError(f"{os.fspath(src)!r} has neither conv1.weight nor _conv_stem.weight; it is "
+                     "not a torchvision ResNet or an EfficientNet-Lite checkpoint.")
   os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
   # Write beside the target and rename, so a failed run never leaves half a file.
   tmp = dst[:-len(".npz")] + ".partial.npz"
@@ -39,7 +40,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike) -> dict[str, tuple[i
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m fgir_jax.models.convert_weights",
-      description="Convert a torchvision ResNet checkpoint (.pth) to .npz (no torch needed to load).")
+      description="Convert a ResNet or EfficientNet-Lite checkpoint (.pth) to .npz; no torch needed.")
   parser.add_argument("src", help="torchvision checkpoint, e.g. resnet18-f37072fd.pth")
   parser.add_argument("dst", help="output .npz, e.g. resnet18.npz")
   args = parser.parse_args(argv)

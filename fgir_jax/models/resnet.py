@@ -12,9 +12,11 @@ importer is easy to read.
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 ModuleDef = Any
@@ -42,6 +44,16 @@ def torch_padding(kernel_size: Sequence[int]) -> tuple[tuple[int, int], ...]:
   pads (3, 3), which shifts every window by one pixel and breaks weight import.
   """
   return tuple((k // 2, k // 2) for k in kernel_size)
+
+
+def is_frozen(stage: int, frozen_stages: int) -> bool:
+  """Whether stage `stage` (0: the stem) is frozen when the stem and `frozen_stages` stages are."""
+  return frozen_stages > 0 and stage <= frozen_stages
+
+
+def freeze_if(x, last_frozen: bool):
+  """Stops gradients after the last frozen stage, so nothing before it is differentiated."""
+  return jax.lax.stop_gradient(x) if last_frozen else x
 
 
 class BasicBlock(nn.Module):
@@ -85,12 +97,22 @@ class ResNet(nn.Module):
     dtype: compute dtype; parameters and BatchNorm statistics stay `param_dtype`.
     param_dtype: dtype of the parameters and BatchNorm statistics.
     act: activation.
+    frozen_stages: the stem and this many stages of blocks are frozen: their
+      BatchNorm keeps its running statistics and no gradient flows through
+      them (so their backward pass is never computed). Their parameters must
+      also be left out of the optimizer: see `module_stage`.
   """
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   width: float = 1.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   act: Callable = nn.relu
+  frozen_stages: int = 0
+
+  def module_stage(self, name: str) -> int:
+    """Stage of a top-level submodule: 0 for the stem, i for `layer{i}_*`."""
+    match = re.match(r"^layer(\d+)_\d+$", name)
+    return int(match.group(1)) if match else 0
 
   @property
   def num_features(self) -> int:
@@ -108,21 +130,26 @@ class ResNet(nn.Module):
     """
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
                              param_dtype=self.param_dtype, kernel_init=conv_kernel_init)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                             dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def norm_of(stage):
+      return functools.partial(nn.BatchNorm,
+                               use_running_average=not train or is_frozen(stage, self.frozen_stages),
+                               momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                               dtype=self.dtype, param_dtype=self.param_dtype)
+
     x = jnp.asarray(x, self.dtype)
     x = conv(scaled(64, self.width), (7, 7), (2, 2), padding=torch_padding((7, 7)),
              name="conv1")(x)
-    x = self.act(norm(name="bn1")(x))
+    x = self.act(norm_of(0)(name="bn1")(x))
     # max_pool pads with -inf, as torch's MaxPool2d(3, 2, padding=1) does.
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     self.sow("intermediates", "stem", x)
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
-        x = BasicBlock(scaled(64 * 2 ** i, self.width), conv=conv, norm=norm, act=self.act,
-                       strides=2 if i > 0 and j == 0 else 1,
+        x = BasicBlock(scaled(64 * 2 ** i, self.width), conv=conv, norm=norm_of(i + 1),
+                       act=self.act, strides=2 if i > 0 and j == 0 else 1,
                        name=f"layer{i + 1}_{j}")(x)
+      x = freeze_if(x, i + 1 == self.frozen_stages)
       self.sow("intermediates", f"stage{i + 1}", x)
     return x
 

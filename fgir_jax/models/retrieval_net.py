@@ -1,12 +1,14 @@
 """RetrievalNet: ResNet18-I of the paper, one forward pass for logits, saliency and codes.
 
-    images -> ResNet (torchvision layout) -> [Inception-ResNet-C] -> feature_map
+    images -> backbone -> [Inception-ResNet-C] -> feature_map
            -> global average pool -> pooled -> classifier -> logits   (stage 1)
                                             -> HashHead   -> hash     (stage 2)
 
 Parameter tree (what checkpoints, optimizer masks and the importer see):
 
-    params["backbone"]     conv1, bn1, layer1_0 .. layer4_1 (torchvision names)
+    params["backbone"]     conv1, bn1, layer1_0 .. layer4_1 (torchvision names), or
+                           conv_stem, bn0, blocks_0 .. blocks_15, conv_head, bn1
+                           (EfficientNet-Lite0, the names of its PyTorch port)
     params["enhancement"]  Inception-ResNet-C (when enhance=True)
     params["classifier"]   {"kernel": (c, num_classes), "bias"} (when num_classes)
     params["hash"]         {"kernel": (c, bits), "bias"} (when hash_bits)
@@ -26,12 +28,16 @@ import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from fgir_jax import _validate
+from fgir_jax.models import efficientnet
 from fgir_jax.models import enhance as enhance_lib
 from fgir_jax.models import heads
 from fgir_jax.models import resnet
+
+BACKBONES = ("resnet18", "efficientnet_lite0")
 
 
 def _optional_count(value, name: str) -> int:
@@ -44,15 +50,19 @@ def _optional_count(value, name: str) -> int:
 
 
 class RetrievalNet(nn.Module):
-  """ResNet backbone + optional enhancement block + classifier and hash heads.
+  """A backbone + optional enhancement block + classifier and hash heads.
 
   Attributes:
     num_classes: classifier outputs; None or 0 leaves the classifier out and
       `logits` is None (a pure retrieval network).
     hash_bits: code length; None or 0 leaves the hash head out.
-    enhance: put Inception-ResNet-C after the last stage (ResNet18-I).
+    enhance: put Inception-ResNet-C after the last stage (ResNet18-I); it
+      takes its channel count from the backbone's map.
     width: channel multiplier for the backbone and the enhancement block.
-    stage_sizes: BasicBlocks per stage; (2, 2, 2, 2) is ResNet18.
+    stage_sizes: ResNet BasicBlocks per stage; (2, 2, 2, 2) is ResNet18.
+    backbone: "resnet18" (torchvision layout) or "efficientnet_lite0".
+    frozen_stages: the backbone's stem and this many stages are frozen (see
+      `resnet.ResNet`); `trainable_mask` says which parameters to update.
     enhance_branch0, enhance_branch1, enhance_scale, enhance_zero_init: the
       enhancement block's widths (before `width`), residual scale and init;
       see `InceptionResNetC`.
@@ -73,6 +83,15 @@ class RetrievalNet(nn.Module):
   enhance_zero_init: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  backbone: str = "resnet18"
+  frozen_stages: int = 0
+
+  def trainable_mask(self, params):
+    """A pytree like `params`: False for the frozen backbone stages, True elsewhere."""
+    net = make_backbone(self, parent=None)
+    frozen = {name for name in params.get("backbone", {})
+              if resnet.is_frozen(net.module_stage(name), int(self.frozen_stages))}
+    return {top: _mask_module(top, sub, frozen) for top, sub in params.items()}
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -90,7 +109,7 @@ class RetrievalNet(nn.Module):
       (after the enhancement block when enabled; h' = 10 for h = 299, 7 for
       224), out["pooled"] (n, c) float32 global average of it, and
       out["hash"] (n, hash_bits) float32 tanh outputs when hash_bits is set.
-      c = 512 * width.
+      c = 512 * width for ResNet18, 1280 * width for EfficientNet-Lite0.
     """
     num_classes = _optional_count(self.num_classes, "num_classes")
     hash_bits = _optional_count(self.hash_bits, "hash_bits")
@@ -98,8 +117,7 @@ class RetrievalNet(nn.Module):
       raise ValueError(f"width must be positive, got {self.width!r}.")
     _validate.check_ndim(images, 4, "images", "a (n, h, w, channels) batch of images")
 
-    x = resnet.ResNet(stage_sizes=tuple(self.stage_sizes), width=self.width, dtype=self.dtype,
-                      param_dtype=self.param_dtype, name="backbone")(images, train)
+    x = make_backbone(self, name="backbone")(images, train)
     if self.enhance:
       x = enhance_lib.InceptionResNetC(
           branch0=resnet.scaled(self.enhance_branch0, self.width),
@@ -118,6 +136,30 @@ class RetrievalNet(nn.Module):
     return logits, out
 
 
+def make_backbone(net: RetrievalNet, **module_kwargs) -> nn.Module:
+  """The backbone module `net` describes (`name="backbone"` inside it)."""
+  _validate.check_choice(net.backbone, BACKBONES, "backbone")
+  common = dict(width=net.width, dtype=net.dtype, param_dtype=net.param_dtype,
+                frozen_stages=int(net.frozen_stages), **module_kwargs)
+  if net.backbone == "efficientnet_lite0":
+    module = efficientnet.EfficientNetLite0(**common)
+    stages = len(module.stages)
+  else:
+    module = resnet.ResNet(stage_sizes=tuple(net.stage_sizes), **common)
+    stages = len(module.stage_sizes)
+  if not 0 <= int(net.frozen_stages) <= stages:
+    raise ValueError(f"frozen_stages must be in 0..{stages} for {net.backbone}, "
+                     f"got {net.frozen_stages!r}.")
+  return module
+
+
+def _mask_module(top: str, tree, frozen: set):
+  if top != "backbone":
+    return jax.tree.map(lambda _: True, tree)
+  return {name: jax.tree.map(lambda _, keep=name not in frozen: keep, sub)
+          for name, sub in tree.items()}
+
+
 # Variants, flax-examples style. ResNet18-I is the paper's network.
 ResNet18 = functools.partial(RetrievalNet, enhance=False)
 ResNet18I = functools.partial(RetrievalNet, enhance=True)
@@ -126,3 +168,7 @@ ResNet18I = functools.partial(RetrievalNet, enhance=True)
 # 8/16/32/64 channels, enhancement branches 24 / (24, 28, 32); ~0.2M params.
 ResNet18Tiny = functools.partial(RetrievalNet, enhance=False, width=0.125)
 ResNet18ITiny = functools.partial(RetrievalNet, enhance=True, width=0.125)
+EfficientNetLite0I = functools.partial(RetrievalNet, enhance=True, backbone="efficientnet_lite0")
+# 1/8 width: 8-40 channels in the blocks, a 160-channel head; every block kept.
+EfficientNetLite0ITiny = functools.partial(RetrievalNet, enhance=True, width=0.125,
+                                           backbone="efficientnet_lite0")
