@@ -50,14 +50,15 @@ def _after(lines, marker):
 def test_each_variant_changes_one_setting():
   config = tiny_config()
   get = lambda name: ablation.variant_config(config, name, "/tmp/cache")
-  assert get("resnet18").model.enhance is False and get("full").model.enhance is True
+  assert get("no_enhance").model.enhance is False and get("full").model.enhance is True
   assert get("no_saliency").saliency.enabled is False
   assert get("ce").stage2.loss == "ce"
   assert all(get(v).data.cache_dir == "/tmp/cache" for v in ablation.VARIANTS)
-  assert ablation.parse_variants("ce,resnet18") == ["full", "resnet18", "ce"]
+  assert ablation.parse_variants("ce,no_enhance") == ["full", "no_enhance", "ce"]
+  assert ablation.parse_variants("resnet18") == ["full", "no_enhance"]  # the old name
   assert ablation.parse_variants("no_saliency") == ["no_saliency"]
 
 
 def test_unknown_variant_is_one_clear_error():
-  with pytest.raises(ValueError, match="--variants must list some of full, resnet18"):
+  with pytest.raises(ValueError, match="--variants must list some of full, no_enhance"):
     ablation.parse_variants("full,bogus")

@@ -15,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_config():
   sys.path.insert(0, REPO)
   from configs import demo  # pylint: disable=g-import-not-at-top
-  c = demo.get_config()
+  c = demo.get_config("scratch")  # the tiny ResNet18-I from scratch: fast to compile
   c.data.synthetic.update(num_classes=4, per_class=8, size=32, test_fraction=0.25)
   c.data.image_size = 32
   c.stage1.update(epochs=2, batch_size=8)
@@ -142,3 +142,72 @@ def test_saliency_from_pretrained_weights_file(tmp_path):
   assert 0.0 <= summary["corloc"] <= 1.0 and 0.0 < summary["mean_box_area"] <= 1.0
   boxes = np.load(os.path.join(workdir, "saliency", "boxes.npz"))["boxes"]
   assert boxes.shape == (32, 4) and np.all(boxes[:, :2] < boxes[:, 2:])
+
+
+def test_pretrained_efficientnet_with_frozen_stages_end_to_end(tmp_path):
+  """A .pth read without torch, saliency from its last stage, the frozen stages left unchanged."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from fgir_jax import models  # pylint: disable=g-import-not-at-top
+  from fgir_jax.train import classifier  # pylint: disable=g-import-not-at-top
+  from fgir_jax.train.context import Run  # pylint: disable=g-import-not-at-top
+  from torch_files import lite_state_dict, write_legacy  # pylint: disable=g-import-not-at-top
+  config, workdir = tiny_config(), str(tmp_path / "run")
+  config.model.update(backbone="efficientnet_lite0", width=0.125, frozen_stages=3)
+  config.saliency.update(network="pretrained", layer="last_stage")
+  config.stage2.bits = "8"
+  state = lite_state_dict(models.EfficientNetLite0ITiny(num_classes=4))
+  write_legacy(tmp_path / "lite.pth", state)
+  config.model.pretrained = str(tmp_path / "lite.pth")
+  results = pipeline.run(config, workdir, echo=lambda line: None)
+  assert set(results["map"]) == {"8"} and 0.0 <= results["corloc"] <= 1.0
+  run = Run(config, workdir, echo=lambda line: None)
+  run.dataset = type("D", (), {"class_names": list(range(4))})()
+  _, trained = classifier.restore_stage1(run)
+  backbone = trained["params"]["backbone"]
+  # Frozen: the stem and stages 1-3 (blocks 0-4) keep the imported weights exactly.
+  np.testing.assert_array_equal(backbone["conv_stem"]["kernel"],
+                                state["_conv_stem.weight"].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(backbone["blocks_4"]["project_conv"]["kernel"],
+                                state["_blocks.4._project_conv.weight"].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(trained["batch_stats"]["backbone"]["blocks_2"]["bn1"]["var"],
+                                state["_blocks.2._bn1.running_var"])
+  # Trained: a later block moved.
+  assert not np.array_equal(backbone["blocks_10"]["project_conv"]["kernel"],
+                            state["_blocks.10._project_conv.weight"].transpose(2, 3, 1, 0))
+  del jax
+
+
+def test_bad_pretrained_setting_fails_before_anything_is_written(tmp_path):
+  config, workdir = tiny_config(), tmp_path / "run"
+  config.model.pretrained = str(tmp_path / "typo.pth")
+  with pytest.raises(ValueError, match=r"typo\.pth.*neither 'imagenet' nor an existing"):
+    pipeline.run(config, str(workdir))
+  assert not workdir.exists()
+  config.model.pretrained = None
+  config.model.frozen_stages = 9
+  with pytest.raises(ValueError, match="frozen_stages must be in 0..4"):
+    pipeline.run(config, str(workdir))
+  assert not workdir.exists()
+
+
+def test_paper_configs_default_to_imagenet_weights_and_pretrained_saliency():
+  sys.path.insert(0, REPO)
+  from configs import cub, dogs  # pylint: disable=g-import-not-at-top
+  for module in (cub, dogs):
+    c = module.get_config()
+    assert (c.model.backbone, c.model.pretrained, c.saliency.network) == (
+        "resnet18", "imagenet", "pretrained")
+    local = module.get_config("runlocal")
+    assert (local.model.backbone, local.model.pretrained, local.saliency.network) == (
+        "efficientnet_lite0", "imagenet", "pretrained")
+
+
+def test_stage_keys_differ_for_names_with_the_same_letters(tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  from fgir_jax.train.context import Run  # pylint: disable=g-import-not-at-top
+  run = Run(tiny_config(), str(tmp_path / "run"), echo=lambda line: None)
+  names = ["stage2_24", "stage2_42", "stage1", "saliency_net", "stage2_16", "stage2_61"]
+  keys = {name: tuple(jax.random.key_data(run.stage_key(name)).tolist()) for name in names}
+  assert len(set(keys.values())) == len(names)  # the old character sum made 24/42 and 16/61 equal
+  assert keys["stage1"] == tuple(jax.random.key_data(run.stage_key("stage1")).tolist())

@@ -88,7 +88,7 @@ def test_cub_report_has_run_numbers_beside_the_paper(tmp_path):
   assert "paper (CUB-200-2011)" in text and "68.22%" in text and "61.87%" in text
   assert "Stanford Dogs" not in text
   # Comparisons a single run does not make.
-  assert re.search(r"\| ResNet18 \| not run \(see the ablation\) \| 61\.87% \|", text)
+  assert re.search(r"\| ResNet18 \| not run \(see the ablation\) \| 61\.87% \(ResNet18\) \|", text)
   assert re.search(r"\| CE features \(no triplet loss\) \| not run \|", text)
   assert re.search(r"\| adaptive triplet loss \(Eq\. 2-3\) \| 56\.78% \|", text)
   assert re.search(r"\| 32 \| not run \| not run \| not run \|", text)

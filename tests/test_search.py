@@ -123,7 +123,7 @@ def test_search_command_line(trained, tmp_path):
   queries, _, _ = _write_queries(config, str(tmp_path / "q"), [1])
   overrides = _tiny_overrides()
   base = [sys.executable, os.path.join(REPO, "launch.py"), "--config",
-          os.path.join(REPO, "configs", "demo.py"), "--workdir", workdir] + overrides
+          os.path.join(REPO, "configs", "demo.py") + ":scratch", "--workdir", workdir] + overrides
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   done = subprocess.run(base + ["--mode", "search", "--query", queries[0], "--k", "3"],
                         capture_output=True, text=True, env=env, timeout=300, check=False)
@@ -137,7 +137,7 @@ def test_search_command_line(trained, tmp_path):
 
 
 def _tiny_overrides():
-  """tiny_config() as command-line overrides of configs/demo.py."""
+  """tiny_config() as command-line overrides of configs/demo.py:scratch."""
   return ["--config.data.synthetic.num_classes=4", "--config.data.synthetic.per_class=8",
           "--config.data.synthetic.size=32", "--config.data.synthetic.test_fraction=0.25",
           "--config.data.image_size=32", "--config.stage1.epochs=2", "--config.stage1.batch_size=8",

@@ -3,14 +3,15 @@
 Each variant is the config with one change, run by the ordinary pipeline in
 its own work directory under the ablation's directory:
 
-  full         the config as given (ResNet18-I, saliency crop, adaptive loss)
-  resnet18     model.enhance=False: no Inception-ResNet-C block
+  full         the config as given (e.g. ResNet18-I, saliency crop, adaptive loss)
+  no_enhance   model.enhance=False: no Inception-ResNet-C block (ResNet18 vs
+               ResNet18-I in the paper; "resnet18" is accepted as its old name)
   no_saliency  saliency.enabled=False: stage 1 and 2 on the uncropped images
   triplet      stage2.loss='triplet': Eq. 1 with a fixed margin
   ce           stage2.loss='ce': the hash layer trained with cross-entropy
 
 Variants reuse what they share with `full` instead of recomputing it: all of
-them the decoded images (one cache), `resnet18`/`triplet`/`ce` its saliency
+them the decoded images (one cache), `no_enhance`/`triplet`/`ce` its saliency
 boxes (so every network sees the same crops), `triplet`/`ce` its stage-1
 network and pooled features. Work already done is skipped, so an interrupted
 ablation resumes where it stopped when run again.
@@ -25,10 +26,11 @@ import shutil
 from fgir_jax.train import config as config_lib
 from fgir_jax.train.workdir import Workdir, write_json
 
-VARIANTS = ("full", "resnet18", "no_saliency", "triplet", "ce")
+VARIANTS = ("full", "no_enhance", "no_saliency", "triplet", "ce")
+_ALIASES = {"resnet18": "no_enhance"}
 
 # Which stages each variant takes over from `full` (their outputs, markers and log rows).
-_SHARED = {"resnet18": ("data", "saliency"), "triplet": ("data", "saliency", "stage1"),
+_SHARED = {"no_enhance": ("data", "saliency"), "triplet": ("data", "saliency", "stage1"),
            "ce": ("data", "saliency", "stage1"), "no_saliency": ("data",)}
 # What those stages leave in a work directory, beyond their marker.
 _OUTPUTS = {"saliency": ("saliency", "ckpt/saliency_net"),
@@ -41,7 +43,7 @@ def variant_config(config, name: str, cache_dir: str):
   """The config of one variant: `config` with that variant's single change."""
   c = config.copy_and_resolve_references()
   c.data.cache_dir = config.data.cache_dir or cache_dir
-  if name == "resnet18":
+  if name == "no_enhance":
     c.model.enhance = False
   elif name == "no_saliency":
     c.saliency.enabled = False
@@ -53,7 +55,7 @@ def variant_config(config, name: str, cache_dir: str):
 
 
 def parse_variants(text: str) -> list[str]:
-  names = [v.strip() for v in str(text).split(",") if v.strip()]
+  names = [_ALIASES.get(v.strip(), v.strip()) for v in str(text).split(",") if v.strip()]
   unknown = [v for v in names if v not in VARIANTS]
   if unknown or not names:
     raise ValueError(f"--variants must list some of {', '.join(VARIANTS)}, got {text!r}.")
@@ -108,7 +110,8 @@ def summarise(wd: Workdir, config) -> dict:
   """One row of the ablation table from a finished variant's results and log."""
   with open(wd.file("results.json")) as f:
     results = json.load(f)
-  return {"network": "ResNet18-I" if config.model.enhance else "ResNet18",
+  from fgir_jax.train import report  # pylint: disable=g-import-not-at-top  (matplotlib)
+  return {"network": report.network_name(config),
           "saliency": bool(config.saliency.enabled), "loss": config.stage2.loss,
           "accuracy": results.get("accuracy"), "corloc": results.get("corloc"),
           "mean_iou": results.get("mean_iou"), "map": results.get("map", {}),
@@ -132,7 +135,7 @@ def write_tables(workdir: str, config, rows: dict) -> str:
   lines = [f"# Ablation: {dataset}", "",
            "Each variant is the config with one change (fgir_jax/train/ablation.py); "
            "same data, split and seeds.", "", report.markdown_table(header, table), ""]
-  lines += _answers(rows, bits[-1])
+  lines += _answers(rows, bits[-1], config)
   paper = report.paper_numbers(config.data.source)
   if paper:
     lines += ["", f"Paper ({paper['dataset']}, full protocol, 64 bits): adaptive "
@@ -147,7 +150,7 @@ def write_tables(workdir: str, config, rows: dict) -> str:
   return path
 
 
-def _answers(rows: dict, bits: int) -> list[str]:
+def _answers(rows: dict, bits: int, config) -> list[str]:
   """The paper's questions, answered only from the variants that ran."""
   m = lambda name: rows[name]["map"].get(str(bits)) if name in rows else None
   acc = lambda name: rows[name]["accuracy"] if name in rows else None
@@ -166,8 +169,10 @@ def _answers(rows: dict, bits: int) -> list[str]:
   compare(f"adaptive triplet beats CE features (mAP {bits} bits)", "full", "ce", m)
   compare("the saliency crop helps stage-1 accuracy", "full", "no_saliency", acc)
   compare(f"the saliency crop helps mAP ({bits} bits)", "full", "no_saliency", m)
-  compare("ResNet18-I beats ResNet18 in stage-1 accuracy", "full", "resnet18", acc)
-  compare(f"ResNet18-I beats ResNet18 in mAP ({bits} bits)", "full", "resnet18", m)
+  from fgir_jax.train import report  # pylint: disable=g-import-not-at-top  (matplotlib)
+  with_block, without = report.network_name(config, True), report.network_name(config, False)
+  compare(f"{with_block} beats {without} in stage-1 accuracy", "full", "no_enhance", acc)
+  compare(f"{with_block} beats {without} in mAP ({bits} bits)", "full", "no_enhance", m)
   corloc = rows.get("full", {}).get("corloc")
   if corloc is not None:
     out.append(f"- saliency boxes: CorLoc {100 * corloc:.2f}% (IoU > 0.5 with the true boxes).")

@@ -24,20 +24,32 @@ from fgir_jax.train.checkpoints import StageCheckpoints
 from fgir_jax.train.context import Run, progress_bar
 
 
-def make_net(config, num_classes: int, enhance: bool | None = None) -> models.RetrievalNet:
-  """The stage-1 network of the config (no hash head: stage 2 trains it on features)."""
+def make_net(config, num_classes: int, enhance: bool | None = None,
+             frozen: bool = True) -> models.RetrievalNet:
+  """The stage-1 network of the config (no hash head: stage 2 trains it on features).
+
+  frozen=False leaves out model.frozen_stages (a network that is only run, never trained).
+  """
   m = config.model
   return models.RetrievalNet(
       num_classes=num_classes, hash_bits=None,
       enhance=m.enhance if enhance is None else enhance, width=m.width,
-      enhance_scale=m.enhance_scale, dtype=jnp.dtype(m.dtype))
+      enhance_scale=m.enhance_scale, dtype=jnp.dtype(m.dtype), backbone=m.backbone,
+      frozen_stages=int(m.frozen_stages) if frozen else 0)
+
+
+def pretrained_path(config) -> str | None:
+  """model.pretrained as load_imagenet's path: None for "imagenet" (the standard file)."""
+  return None if config.model.pretrained == "imagenet" else config.model.pretrained
 
 
 def init_variables(run: Run, net, key) -> dict:
   dummy = jnp.zeros((1, run.size, run.size, 3), jnp.float32)
   variables = jax.jit(functools.partial(net.init, train=False))(key, dummy)
   if run.config.model.pretrained:
-    variables = models.load_torchvision_resnet18(run.config.model.pretrained, variables)
+    variables = models.load_imagenet(variables, backbone=net.backbone,
+                                     path=pretrained_path(run.config),
+                                     progress=bool(run.config.progress))
   return variables
 
 
@@ -54,7 +66,7 @@ def stage1_settings(config) -> stage1_lib.Stage1Settings:
   return stage1_lib.Stage1Settings(
       epochs=s1.epochs, batch_size=s1.batch_size, learning_rate=s1.learning_rate,
       momentum=s1.momentum, weight_decay=s1.weight_decay, warmup_epochs=s1.warmup_epochs,
-      label_smoothing=s1.label_smoothing)
+      label_smoothing=s1.label_smoothing, eval_every=s1.eval_every)
 
 
 def train_classifier(run: Run, name: str, images: np.ndarray, epochs: int = 0):
@@ -69,7 +81,7 @@ def train_classifier(run: Run, name: str, images: np.ndarray, epochs: int = 0):
   query_in = _inputs(run, images[~ds.is_train], ds.labels[~ds.is_train])
   net = make_net(run.config, len(ds.class_names))
   steps = train_in.steps_per_epoch(settings.batch_size, train_in.num_examples >= settings.batch_size)
-  optimizer = stage1_lib.make_optimizer(settings, steps)
+  optimizer = stage1_lib.make_optimizer(settings, steps, trainable=net.trainable_mask)
   key = run.stage_key(name)
   parallel.check_divisible(settings.batch_size, run.mesh, "stage1.batch_size")
   state = stage1_lib.create_state(init_variables(run, net, key), optimizer)
@@ -83,11 +95,14 @@ def train_classifier(run: Run, name: str, images: np.ndarray, epochs: int = 0):
     for epoch in range(start, settings.epochs):
       state, train_stats = _classifier_epoch(run, name, net, optimizer, settings, state,
                                              train_in, key, epoch)
-      acc = _query_accuracy(run, net, stage1_lib.variables_of(state), query_in)
+      row = dict(train_stats)
+      if (epoch + 1) % settings.eval_every == 0 or epoch + 1 == settings.epochs:
+        acc = row["accuracy"] = _query_accuracy(run, net, stage1_lib.variables_of(state), query_in)
       ckpt.save(epoch + 1, state, {"epoch": epoch + 1, "metrics": {"accuracy": acc}})
-      run.wd.log(name, epoch=epoch + 1, accuracy=acc, **train_stats)
+      run.wd.log(name, epoch=epoch + 1, **row)
+      shown = f" query acc {row['accuracy']:.4f}" if "accuracy" in row else ""
       run.echo(f"{name}: epoch {epoch + 1}/{settings.epochs} loss {train_stats['loss']:.4f} "
-               f"train acc {train_stats['train_accuracy']:.3f} query acc {acc:.4f}")
+               f"train acc {train_stats['train_accuracy']:.3f}{shown}")
   # Downstream stages use the final epoch (the best one is kept on disk too):
   # picking the epoch by query accuracy would tune on the test set.
   return net, stage1_lib.variables_of(state), acc
@@ -124,10 +139,14 @@ def _query_accuracy(run, net, variables, query_in) -> float:
 
 
 def encode_all(run: Run, net, variables, images, desc: str, with_maps: bool = False) -> dict:
-  """Eval-mode outputs for every image, with a progress bar (a long pass on big sets)."""
+  """Eval-mode outputs for every image, with a progress bar (a long pass on big sets).
+
+  with_maps adds the saliency maps, from the layer saliency.layer names.
+  """
   progress = progress_bar(run, len(images), desc)
   out = inference.run_network(net, variables, batching.DeviceInput(images, run.dataset.labels),
                               batch_size=run.config.eval.batch_size, with_maps=with_maps,
+                              map_layer=run.config.saliency.layer,
                               progress=progress.update, mesh=run.mesh)
   progress.close()
   return out
@@ -153,7 +172,7 @@ def restore_classifier(run: Run, name: str):
     if step is None:
       raise ValueError(f"{run.wd.path} has no {name} checkpoint; run the {name.split('_')[0]} "
                        "stage first (python launch.py with the same --config and --workdir).")
-    full, _ = ckpt.restore(step, _state_like(like))
+    full, _ = ckpt.restore(step, _state_like(like, net))
   return net, {"params": full["params"], "batch_stats": full["batch_stats"]}
 
 
@@ -163,7 +182,9 @@ def init_variables_shapes(run: Run, net, key):
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def _state_like(variables):
+def _state_like(variables, net):
+  """A train state of the right structure to restore into (the optimizer masks frozen stages)."""
   s1 = stage1_lib.Stage1Settings()
-  return stage1_lib.create_state(variables, stage1_lib.make_optimizer(s1, 1))
+  optimizer = stage1_lib.make_optimizer(s1, 1, trainable=net.trainable_mask)
+  return stage1_lib.create_state(variables, optimizer)
 

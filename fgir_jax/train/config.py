@@ -38,11 +38,18 @@ def base_config() -> ml_collections.ConfigDict:
 
   # ---- model ----------------------------------------------------------------
   c.model = ml_collections.ConfigDict()
+  c.model.backbone = "resnet18"        # or "efficientnet_lite0" (models.BACKBONES)
   c.model.width = 1.0                  # channel multiplier; 0.125 is the tiny net
   c.model.enhance = True               # Inception-ResNet-C after the last stage
   c.model.enhance_scale = 0.2
   c.model.dtype = "float32"            # compute dtype; "bfloat16" on GPUs
-  c.model.pretrained = config_dict.placeholder(str)  # torchvision resnet18 .npz/.pth
+  # "imagenet": the backbone's standard ImageNet file (resnet18: fetched once
+  # into $FGIR_JAX_CACHE; efficientnet_lite0: from the installed package), or
+  # a .pth / .npz path; unset: from scratch.
+  c.model.pretrained = config_dict.placeholder(str)
+  # Stage 1 keeps the backbone's stem and this many stages of blocks frozen
+  # (0: fine-tune everything, as the paper does); a budget switch for CPUs.
+  c.model.frozen_stages = 0
 
   # ---- saliency crop (PAPER step 1) ------------------------------------------
   c.saliency = ml_collections.ConfigDict()
@@ -53,11 +60,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.saliency.network = "stage1"        # "pretrained" (model.pretrained) or "stage1"
                                        # (a CE network trained on uncropped images)
   c.saliency.epochs = 0                # epochs of that bootstrap network; 0: stage1.epochs
+  # The map's layer: "output" (the deepest map) or "last_stage" (the last stage
+  # of blocks, before a head conv; see train/inference.py).
+  c.saliency.layer = "output"
 
   # ---- stage 1: cross-entropy -------------------------------------------------
   c.stage1 = ml_collections.ConfigDict(dict(
       epochs=50, batch_size=32, learning_rate=0.01, momentum=0.9, weight_decay=1e-4,
-      warmup_epochs=1.0, label_smoothing=0.0, crop="random_resized", crop_scale_min=0.25))
+      warmup_epochs=1.0, label_smoothing=0.0, crop="random_resized", crop_scale_min=0.25,
+      eval_every=1))                   # query accuracy every this many epochs (and the last)
 
   # ---- stage 2: hash layer + (adaptive) triplet loss ------------------------
   # loss: "adaptive" (Eq. 2), "triplet" (Eq. 1 with `margin`) or "ce" (cross-
@@ -105,25 +116,38 @@ def bit_list(config) -> list[int]:
 def paper_config(source: str, runlocal: bool = False) -> ml_collections.ConfigDict:
   """The paper's experiment on `source` ("cub" or "dogs"); see configs/cub.py.
 
-  Stage 1: SGD, Nesterov momentum 0.9, weight decay 1e-4 on kernels, one
-  warm-up epoch then cosine decay, batch 32, peak rate 0.01 (fine-tuning from
-  ImageNet weights), 50 epochs. Stage 2: Adam 1e-3 on the hash layer, batches
-  of 128 triplets re-mined on the whole train set every 3 epochs (beta 0.5,
-  negative factor 0.1), 90 epochs per code length, 16/32/48/64 bits.
-  `runlocal` shrinks it for a 2-core CPU: 128 px, the 1/8-width network from
-  scratch, 15 + 30 epochs, 16 and 64 bits.
+  ResNet18-I from torchvision's ImageNet weights (`model.pretrained="imagenet"`),
+  saliency boxes from the same pretrained network's deepest map (alpha 0.4),
+  299 px. Stage 1: SGD, Nesterov momentum 0.9, weight decay 1e-4 on kernels,
+  one warm-up epoch then cosine decay, batch 32, peak rate 0.01, 50 epochs,
+  everything fine-tuned. Stage 2: Adam 1e-3 on the hash layer, batches of 128
+  triplets re-mined on the whole train set every 3 epochs (beta 0.5, negative
+  factor 0.1), 90 epochs per code length, 16/32/48/64 bits. Training from
+  scratch is an override: `--config.model.pretrained= --config.saliency.network=stage1`.
+
+  `runlocal` is the same protocol on a 2-core CPU: EfficientNet-Lite0 (its
+  ImageNet weights install with pip) at its native 224 px, the stem and first
+  five of its seven stages frozen in stage 1 (the backward pass through the
+  high-resolution layers is what a CPU cannot afford), 8 stage-1 epochs.
+  Its saliency maps come from the last stage of blocks (`saliency.layer`),
+  alpha 0.55, chosen on the training split's boxes (bench/probe_saliency.py).
   """
   c = base_config()
   c.data.source = source
   c.data.image_size = 299
+  c.model.backbone = "resnet18"
+  c.model.pretrained = "imagenet"
+  c.saliency.network = "pretrained"
   c.saliency.alpha = 0.4
   c.stage1.update(epochs=50, batch_size=32, learning_rate=0.01, weight_decay=1e-4,
                   warmup_epochs=1.0, crop="random_resized", crop_scale_min=0.25)
   c.stage2.update(bits="16,32,48,64", epochs=90, mine_every=3, batch_size=128,
                   learning_rate=1e-3, beta=0.5, neg_factor=0.1, eval_every=3)
   if runlocal:
-    c.data.image_size = 128
-    c.model.width = 0.125
-    c.stage1.update(epochs=15, learning_rate=0.05, weight_decay=5e-4, crop_scale_min=0.35)
-    c.stage2.update(bits="16,64", epochs=30)
+    c.data.image_size = 224
+    c.model.backbone = "efficientnet_lite0"
+    c.model.frozen_stages = 5
+    c.saliency.layer = "last_stage"
+    c.saliency.alpha = 0.55
+    c.stage1.update(epochs=8, eval_every=4, crop_scale_min=0.35)
   return c

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import jax
 
 from fgir_jax import parallel
@@ -35,7 +37,13 @@ class Run:
     return self.config.data.cache_dir or self.wd.dir("cache")
 
   def stage_key(self, name: str) -> jax.Array:
-    return jax.random.fold_in(self.key, sum(map(ord, name)))
+    """The stage's own key: distinct names give unrelated keys (stage2_24 vs stage2_42)."""
+    return jax.random.fold_in(self.key, name_to_int(name))
+
+
+def name_to_int(name: str) -> int:
+  """A 32-bit number from the SHA-256 of `name`: unlike a character sum, order matters."""
+  return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:4], "little")
 
 
 def progress_bar(run: Run, total: int, desc: str) -> Progress:

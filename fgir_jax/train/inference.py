@@ -19,26 +19,51 @@ from fgir_jax import saliency
 from fgir_jax.data import batching
 
 
-@functools.partial(jax.jit, static_argnames=("net", "with_maps"))
-def _forward(variables, images, *, net: nn.Module, with_maps: bool):
-  logits, out = net.apply(variables, images, train=False)
+MAP_LAYERS = ("output", "last_stage")
+
+
+@functools.partial(jax.jit, static_argnames=("net", "with_maps", "map_layer"))
+def _forward(variables, images, *, net: nn.Module, with_maps: bool, map_layer: str = "output"):
+  if with_maps and map_layer != "output":
+    (logits, out), state = net.apply(variables, images, train=False, mutable=["intermediates"])
+  else:
+    (logits, out), state = net.apply(variables, images, train=False), {}
   result = {"pooled": out["pooled"]}
   if logits is not None:
     result["logits"] = logits
   if with_maps:
     # Channel mean, min-max scaled: the grey image of PAPER.md step 1, kept at
     # the map's own resolution (h', w'); boxes are found on the upsampled map.
-    result["maps"] = saliency.saliency_maps(out["feature_map"])
+    result["maps"] = saliency.saliency_maps(_map_features(out, state, map_layer))
   return result
+
+
+def _map_features(out: dict, state: dict, map_layer: str):
+  """The feature map the saliency map is taken from.
+
+  "output": the network's deepest map (ResNet18: layer4's output).
+  "last_stage": the output of the backbone's last stage of blocks, ReLU'd;
+  for ResNet it is the same map, for EfficientNet-Lite it is the 320-channel
+  map before the 1x1 head conv, whose ReLU6 saturates and blurs the map
+  (bench/probe_saliency.py measures both against true boxes).
+  """
+  if map_layer == "output":
+    return out["feature_map"]
+  if map_layer != "last_stage":
+    raise ValueError(f"map_layer must be one of {MAP_LAYERS}, got {map_layer!r}.")
+  stages = state["intermediates"]["backbone"]
+  last = max((k for k in stages if k.startswith("stage")), key=lambda k: int(k[len("stage"):]))
+  return jax.nn.relu(stages[last][0].astype(jnp.float32))
 
 
 def run_network(net: nn.Module, variables: dict, inputs: batching.DeviceInput, *,
                 batch_size: int = 128, with_maps: bool = False, progress=None,
-                mesh=None) -> dict:
+                mesh=None, map_layer: str = "output") -> dict:
   """Eval-mode outputs of `net` for every example of `inputs`, in order.
 
   Returns NumPy arrays: "pooled" (n, c), "logits" (n, classes) when the net
-  has a classifier, "maps" (n, h', w') saliency maps when `with_maps`.
+  has a classifier, "maps" (n, h', w') saliency maps when `with_maps`, from
+  the layer `map_layer` names (MAP_LAYERS; see `_map_features`).
   `mesh`: split each batch over its devices (batch_size a multiple of them).
   """
   parallel.check_divisible(batch_size, mesh, "eval.batch_size")
@@ -46,7 +71,7 @@ def run_network(net: nn.Module, variables: dict, inputs: batching.DeviceInput, *
   chunks = []
   for batch in inputs.eval_batches(batch_size):
     image = parallel.shard_batch(batch["image"], mesh)
-    out = _forward(variables, image, net=net, with_maps=with_maps)
+    out = _forward(variables, image, net=net, with_maps=with_maps, map_layer=map_layer)
     chunks.append((np.asarray(batch["mask"]), jax.device_get(out)))
     if progress is not None:
       progress(int(np.asarray(batch["mask"]).sum()))

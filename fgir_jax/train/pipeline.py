@@ -12,10 +12,12 @@ import json
 import os
 
 from fgir_jax import _validate
+from fgir_jax import models
 from fgir_jax.train import classifier
 from fgir_jax.train import config as config_lib
 from fgir_jax.train import data_stage
 from fgir_jax.train import hashing
+from fgir_jax.train import inference
 from fgir_jax.train import saliency_stage
 from fgir_jax.train.context import Run
 
@@ -25,7 +27,14 @@ def check_config(config, bits) -> None:
   _validate.check_choice(config.data.source, config_lib.SOURCES, "data.source")
   _validate.check_choice(config.saliency.mode, ("largest", "all"), "saliency.mode")
   _validate.check_choice(config.saliency.network, ("stage1", "pretrained"), "saliency.network")
+  _validate.check_choice(config.saliency.layer, inference.MAP_LAYERS, "saliency.layer")
   _validate.check_choice(config.model.dtype, ("float32", "bfloat16"), "model.dtype")
+  _validate.check_choice(config.model.backbone, models.BACKBONES, "model.backbone")
+  models.retrieval_net.make_backbone(classifier.make_net(config, 2), parent=None)  # frozen_stages
+  pretrained = config.model.pretrained
+  if pretrained and pretrained != "imagenet" and not os.path.isfile(pretrained):
+    raise ValueError(f"model.pretrained={pretrained!r} is neither 'imagenet' nor an existing "
+                     ".pth / .npz file; fix the path or pass --config.model.pretrained=imagenet.")
   if not 0.0 <= config.saliency.alpha < 1.0:
     raise ValueError(f"saliency.alpha must be in [0, 1), got {config.saliency.alpha}.")
   if int(config.data.image_size) < 16:
@@ -56,6 +65,9 @@ _NEED_IMAGES = ("data", "saliency", "stage1", "stage2", "evaluate", "report")
 def run(config, workdir: str, echo=print) -> dict:
   """Runs the stages the config names; returns results.json's content (if written)."""
   check_config(config, config_lib.bit_list(config))  # bad values fail now, not hours in
+  if config.model.pretrained == "imagenet":
+    # Fetched (or found) before the run starts: no network fails here, in one line.
+    models.imagenet_file(config.model.backbone, progress=bool(config.progress))
   r = Run(config, workdir, echo)
   todo = [s for s in r.stages if r.wd.done(s) is None]
   skipped = [s for s in r.stages if s not in todo]

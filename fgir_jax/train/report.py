@@ -27,6 +27,7 @@ from fgir_jax.train.report_plots import top_results  # pylint: disable=unused-im
 PAPER = {
     "cub": {
         "dataset": "CUB-200-2011",
+        "classes": 200,
         "accuracy": {"resnet18": 0.6187,
                      "resnet18_i": "no clear change from ResNet18 (Sec. 3.1)"},
         # Table 1, 64 bits. The paper's "Triplet" is its adaptive loss (Sec. 3.1).
@@ -38,6 +39,7 @@ PAPER = {
     },
     "dogs": {
         "dataset": "Stanford Dogs",
+        "classes": 120,
         "accuracy": {},
         "map_by_loss": {"ce": 0.3826, "triplet": "about +21 points over CE",
                         "adaptive": "about +2 points over FPH at 48 and 64 bits"},
@@ -105,12 +107,22 @@ def _run_facts(wd, config) -> dict:
       "results": results, "bits": bits,
       # Table 1 of the paper is at 64 bits; take the longest code otherwise.
       "main_bits": 64 if 64 in bits else (max(bits) if bits else None),
-      "network": "ResNet18-I" if config.model.enhance else "ResNet18",
+      "network": network_name(config),
       "boot_epochs": max((r["epoch"] for r in boot if "epoch" in r), default=None),
       "boot_accuracy": next((r["uncropped_accuracy"] for r in reversed(boot)
                              if "uncropped_accuracy" in r), None),
       "saliency": summary,
   }
+
+
+BACKBONE_NAMES = {"resnet18": "ResNet18", "efficientnet_lite0": "EfficientNet-Lite0"}
+
+
+def network_name(config, enhance: bool | None = None) -> str:
+  """"ResNet18-I", "EfficientNet-Lite0", ...: the backbone, "-I" with the enhancement block."""
+  enhance = bool(config.model.enhance) if enhance is None else enhance
+  name = BACKBONE_NAMES.get(config.model.backbone, config.model.backbone)
+  return name + ("-I" if enhance else "")
 
 
 def _main_map(facts: dict):
@@ -125,12 +137,19 @@ def _accuracy_section(config, facts, paper) -> list[str]:
   acc = facts["results"].get("accuracy")
   other = f"{NOT_RUN} (see the ablation)"
   enhance = bool(config.model.enhance)
-  rows = [["ResNet18", other if enhance else pct(acc)],
-          ["ResNet18-I (feature enhancement)", pct(acc) if enhance else other]]
-  cells = [pct(paper.get("accuracy", {}).get(k), "not reported")
-           for k in ("resnet18", "resnet18_i")]
+  rows = [[network_name(config, False), other if enhance else pct(acc)],
+          [f"{network_name(config, True)} (feature enhancement)", pct(acc) if enhance else other]]
+  cells = [_paper_cell(paper.get("accuracy", {}).get(k), name)
+           for k, name in (("resnet18", "ResNet18"), ("resnet18_i", "ResNet18-I"))]
   return ["## Classification accuracy, stage 1 (paper Table 1)", "",
           _paper_table(["network", "this run (query accuracy)"], rows, paper, cells), ""]
+
+
+def _paper_cell(value, network: str) -> str:
+  """A paper number with the network it was measured on (ours may be another)."""
+  if value is None:
+    return "not reported"
+  return f"{pct(value)} ({network})" if not isinstance(value, str) else value
 
 
 def _loss_section(config, facts, paper) -> list[str]:
@@ -208,20 +227,27 @@ def _localisation_section(config, facts, dataset) -> list[str]:
                  "The paper reports no localisation numbers.", ""]
 
 
-def _protocol_notes(config, paper) -> list[str]:
+def _protocol_notes(config, paper, classes: int | None = None) -> list[str]:
   """Where this run departs from the paper's protocol, so that gaps read right."""
   if not paper:
     return [f"The paper has no numbers for {config.data.source} data (it reports "
             "CUB-200-2011 and Stanford Dogs only), so no paper column is shown.", ""]
   notes = []
-  if int(config.data.max_classes) > 0:
+  if classes is not None and classes != paper.get("classes", classes):
+    notes.append(f"{classes} classes (paper: {paper['classes']})")
+  elif int(config.data.max_classes) > 0:
     notes.append(f"only the first {config.data.max_classes} classes")
   if int(config.data.image_size) != 299:
     notes.append(f"{config.data.image_size} px images (paper: 299)")
+  if config.model.backbone != "resnet18":
+    notes.append(f"{network_name(config, False)} backbone (paper: ResNet18)")
   if float(config.model.width) != 1.0:
     notes.append(f"channel width x{config.model.width:g} (paper: full ResNet18)")
   if not config.model.pretrained:
     notes.append("trained from scratch (no model.pretrained weights)")
+  if int(config.model.frozen_stages) > 0:
+    notes.append(f"stem and first {config.model.frozen_stages} backbone stages frozen in stage 1 "
+                 "(paper: all fine-tuned)")
   if int(config.stage1.epochs) != 50 or int(config.stage2.epochs) != 90:
     notes.append(f"{config.stage1.epochs} + {config.stage2.epochs} epochs (paper: 50 + 90)")
   if not notes:
@@ -283,7 +309,8 @@ def write_report(wd, config, dataset=None, images=None, crops=None) -> str:
            f"({res.get('database', '?')} images); network {facts['network']}, stage-2 loss "
            f"`{config.stage2.loss}`, saliency crop "
            f"{'on' if config.saliency.enabled else 'off'}.", ""]
-  lines += _protocol_notes(config, paper)
+  classes = len(dataset.class_names) if dataset is not None else None
+  lines += _protocol_notes(config, paper, classes)
   lines += _accuracy_section(config, facts, paper) + _loss_section(config, facts, paper)
   lines += _saliency_section(config, facts, paper) + _bits_section(facts, paper)
   lines += _localisation_section(config, facts, dataset)

@@ -18,9 +18,10 @@ def saliency_network(run: Run):
   sal = run.config.saliency
   if sal.network == "pretrained":
     if not run.config.model.pretrained:
-      raise ValueError("saliency.network='pretrained' needs --config.model.pretrained=FILE "
-                       "(a torchvision resnet18 .npz or .pth), or use saliency.network='stage1'.")
-    net = classifier.make_net(run.config, len(run.dataset.class_names), enhance=False)
+      raise ValueError("saliency.network='pretrained' needs --config.model.pretrained=imagenet "
+                       "(or a .pth / .npz file), or use --config.saliency.network=stage1.")
+    net = classifier.make_net(run.config, len(run.dataset.class_names), enhance=False,
+                              frozen=False)
     return net, classifier.init_variables(run, net, run.stage_key("saliency_net")), None
   if sal.network != "stage1":
     raise ValueError(f"saliency.network must be 'pretrained' or 'stage1', got {sal.network!r}.")

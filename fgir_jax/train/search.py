@@ -111,13 +111,15 @@ class Searcher:
     net, variables = self._saliency
     out = inference.run_network(net, variables,
                                 batching.DeviceInput(images, np.zeros(len(images), np.int32)),
-                                batch_size=self.run.config.eval.batch_size, with_maps=True)
+                                batch_size=self.run.config.eval.batch_size, with_maps=True,
+                                map_layer=sal.layer)
     return np.asarray(saliency.boxes_from_maps(out["maps"], alpha=sal.alpha, mode=sal.mode,
                                                image_size=(self.run.size, self.run.size),
                                                margin=sal.margin))
 
   def _pretrained_saliency_net(self):
-    net = classifier.make_net(self.run.config, len(self.run.dataset.class_names), enhance=False)
+    net = classifier.make_net(self.run.config, len(self.run.dataset.class_names), enhance=False,
+                              frozen=False)
     return net, classifier.init_variables(self.run, net, self.run.stage_key("saliency_net"))
 
   # ---- database images, for the grid --------------------------------------------

@@ -33,9 +33,10 @@ class Stage1Settings:
   weight_decay: float = 1e-4
   warmup_epochs: float = 1.0
   label_smoothing: float = 0.0
+  eval_every: int = 1
 
   def __post_init__(self):
-    for name in ("epochs", "batch_size"):
+    for name in ("epochs", "batch_size", "eval_every"):
       if int(getattr(self, name)) < 1:
         raise ValueError(f"stage1 {name} must be a positive integer, got {getattr(self, name)}.")
     if not self.learning_rate > 0:
@@ -48,14 +49,24 @@ def _decay_mask(params):
       lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
 
 
-def make_optimizer(settings: Stage1Settings, steps_per_epoch: int) -> optax.GradientTransformation:
+def make_optimizer(settings: Stage1Settings, steps_per_epoch: int,
+                   trainable=None) -> optax.GradientTransformation:
+  """SGD + cosine schedule; `trainable(params)` -> bool tree freezes the False leaves.
+
+  Frozen leaves get no update, no weight decay and no optimizer state
+  (`optax.multi_transform` with `set_to_zero`), as STYLE.md asks.
+  """
   total = max(1, settings.epochs * steps_per_epoch)
   warmup = min(total - 1, int(settings.warmup_epochs * steps_per_epoch))
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=settings.learning_rate, warmup_steps=warmup, decay_steps=total)
-  return optax.chain(
+  sgd = optax.chain(
       optax.add_decayed_weights(settings.weight_decay, mask=_decay_mask),
       optax.sgd(schedule, momentum=settings.momentum, nesterov=True))
+  if trainable is None:
+    return sgd
+  labels = lambda params: jax.tree.map(lambda t: "train" if t else "frozen", trainable(params))
+  return optax.multi_transform({"train": sgd, "frozen": optax.set_to_zero()}, labels)
 
 
 def create_state(variables: dict, optimizer: optax.GradientTransformation) -> dict:
