@@ -2,28 +2,39 @@
 
     python launch.py --config configs/demo.py --workdir runs/demo
 
-Same pipeline as CUB with a smaller dataset (20 classes, 96 px), the tiny
-ResNet18-I (1/4 width) trained from scratch, and shorter schedules. The
-saliency network is the stage-1 network trained on the uncropped images.
+Same pipeline and protocol as CUB on a smaller dataset (20 classes, 96 px):
+the ImageNet-pretrained EfficientNet-Lite0-I (its weights come with pip, no
+network needed) with the stem and 5 of its 7 stages frozen in stage 1, saliency
+boxes from the pretrained network's last stage of blocks, and shorter schedules.
+The pretrained network raises the demo's mAP at 64 bits from 0.69 (the 1/4-width
+ResNet18-I from scratch, `configs/demo.py:scratch`) to about 0.85, although its
+boxes find the drawn birds poorly (see the README).
 """
 
 from fgir_jax.train.config import base_config
 
 
 def get_config(arg=None):
-  del arg
   c = base_config()
   c.data.source = "synthetic"
   c.data.synthetic.update(num_classes=20, per_class=100, size=96, test_fraction=0.4)
   c.data.image_size = 96
-  c.model.width = 0.25
-  c.saliency.network = "stage1"
-  # The 96 px images give a 3x3 last map: alpha 0.5 keeps tighter boxes than
-  # 0.4 there (CorLoc 0.15 vs 0.10 against the true boxes).
   c.saliency.alpha = 0.5
-  c.saliency.epochs = 12
-  # SGD + cosine from scratch; pad-and-crop keeps the small bird in the frame.
-  c.stage1.update(epochs=20, batch_size=32, learning_rate=0.05, weight_decay=5e-4,
-                  warmup_epochs=1.0, crop="pad_and_crop")
   c.stage2.update(epochs=30, mine_every=3, batch_size=128, learning_rate=3e-3, eval_every=3)
+  if arg == "scratch":
+    # The 1/4-width ResNet18-I from scratch; boxes from a classifier trained on the
+    # uncropped images first (the 96 px images give it a 3x3 last map).
+    c.model.width = 0.25
+    c.saliency.network = "stage1"
+    c.saliency.epochs = 12
+    # SGD + cosine from scratch; pad-and-crop keeps the small bird in the frame.
+    c.stage1.update(epochs=20, batch_size=32, learning_rate=0.05, weight_decay=5e-4,
+                    warmup_epochs=1.0, crop="pad_and_crop")
+    return c
+  if arg:
+    raise ValueError(f"configs/demo.py takes no argument or 'scratch', got {arg!r}.")
+  c.model.update(backbone="efficientnet_lite0", pretrained="imagenet", frozen_stages=5)
+  c.saliency.update(network="pretrained", layer="last_stage")
+  c.stage1.update(epochs=12, batch_size=32, learning_rate=0.05, weight_decay=5e-4,
+                  warmup_epochs=1.0, crop="pad_and_crop", eval_every=4)
   return c
