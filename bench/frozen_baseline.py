@@ -1,0 +1,60 @@
+"""The floor the full method must beat: frozen ImageNet features + the stage-2 hash layer.
+
+    python bench/frozen_baseline.py --root ../shared/data/cub50
+
+Pooled features of the ImageNet network (frozen, eval mode, whole images at
+--size, no saliency crop, no fine-tuning) go straight to this project's stage 2
+(`train.stage2.train_hash_layer`, the paper's settings: 90 epochs, Adam 1e-3,
+re-mining every 3 epochs) with the adaptive loss; mAP over Hamming ranking of
+the test split against the train split, at each code length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fgir_jax import data, metrics, models
+from fgir_jax.data import batching
+from fgir_jax.train import inference
+from fgir_jax.train import stage2
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--root", required=True, help="a CUB_200_2011 folder (or one holding it)")
+  parser.add_argument("--backbone", default="efficientnet_lite0", choices=models.BACKBONES)
+  parser.add_argument("--pretrained", default=None, help="weights file; default the standard one")
+  parser.add_argument("--size", type=int, default=224)
+  parser.add_argument("--bits", default="16,64")
+  parser.add_argument("--loss", default="adaptive", choices=stage2.LOSSES)
+  parser.add_argument("--cache", default="runs/probe_saliency_cache")
+  args = parser.parse_args()
+
+  ds = data.read_cub(args.root)
+  images = data.cached_images(ds, args.size, args.cache, progress=True).images
+  net = models.RetrievalNet(None, enhance=False, backbone=args.backbone)
+  variables = models.load_imagenet(
+      net.init(jax.random.key(0), jnp.zeros((1, args.size, args.size, 3))),
+      backbone=args.backbone, path=args.pretrained)
+  start = time.perf_counter()
+  feats = inference.run_network(net, variables, batching.DeviceInput(images, ds.labels),
+                                batch_size=64)["pooled"]
+  print(f"{ds.name}: features of {len(images)} images in {time.perf_counter() - start:.0f} s")
+  tr = ds.is_train
+  for bits in (int(b) for b in args.bits.split(",")):
+    settings = stage2.Stage2Settings(bits=bits, loss=args.loss, num_classes=len(ds.class_names))
+    state = stage2.train_hash_layer(jax.random.key(1), feats[tr], ds.labels[tr], settings)
+    params = stage2.hash_params(state)
+    codes = lambda x: np.asarray(stage2.hash_outputs(params, jnp.asarray(x)) > 0)
+    m = metrics.mean_average_precision(codes(feats[~tr]), ds.labels[~tr], codes(feats[tr]),
+                                       ds.labels[tr])
+    print(f"{args.backbone} frozen, whole images, {args.loss}: mAP {bits} bits {100 * m:.2f}%")
+
+
+if __name__ == "__main__":
+  main()
