@@ -10,10 +10,15 @@
 stage1, stage2, evaluate, report); a finished stage is skipped and an
 interrupted one resumes from its last checkpoint when the same command is run
 again. --mode ablate runs the paper's comparisons (fgir_jax/train/ablation.py),
---mode search finds the database images nearest to each --query, --mode index
-adds the images of a folder to the work directory's index.
+--mode search finds the database images nearest to each --query (and draws
+them into --out, default the current directory: it writes nothing into the run),
+--mode index adds the images of a folder to the run's index. A SIGTERM stops a
+run as Ctrl-C does: the same command resumes it.
 """
 
+import os
+import shlex
+import signal
 import sys
 
 from absl import app
@@ -33,6 +38,8 @@ _QUERY = flags.DEFINE_multi_string("query", [], "--mode search: a query image (r
 _K = flags.DEFINE_integer("k", 10, "--mode search: results per query.")
 _BITS = flags.DEFINE_integer("bits", None, "--mode search/index: code length (default: longest).")
 _IMAGES = flags.DEFINE_string("images", None, "--mode index: a folder of images to add.")
+_OUT = flags.DEFINE_string("out", ".", "--mode search: the folder for search_results.png "
+                           "(nothing is written into the work directory).")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show the full traceback of an error.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -41,6 +48,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  signal.signal(signal.SIGTERM, _stop)  # a scheduler's kill: stop as on Ctrl-C, resumable
   try:
     start_distributed(_CONFIG.value)
     run_mode(_MODE.value, _CONFIG.value, _WORKDIR.value)
@@ -51,8 +59,29 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   except KeyboardInterrupt:
-    print("interrupted: run the same command again to resume.", file=sys.stderr)
+    print("interrupted: run the same command again to resume; finished results are kept.",
+          file=sys.stderr)
     sys.exit(130)
+
+
+def _stop(signum, frame):
+  del signum, frame
+  raise KeyboardInterrupt
+
+
+def train_command(argv) -> str:
+  """The training command of this run (--config, its overrides and --workdir), for hints."""
+  keep, args = [], list(argv[1:])
+  i = 0
+  while i < len(args):
+    arg = args[i]
+    if arg.startswith(("--config", "--workdir")):
+      keep.append(arg)
+      if "=" not in arg and i + 1 < len(args) and not args[i + 1].startswith("--"):
+        keep.append(args[i + 1])
+        i += 1
+    i += 1
+  return "python launch.py " + " ".join(shlex.quote(a) for a in keep)
 
 
 def run_mode(mode: str, config, workdir: str) -> None:
@@ -60,7 +89,7 @@ def run_mode(mode: str, config, workdir: str) -> None:
   # pylint: disable=g-import-not-at-top
   if mode == "train":
     from fgir_jax.train import pipeline
-    results = pipeline.run(config, workdir)
+    results = pipeline.run(config, workdir, command=train_command(sys.argv))
     if results.get("map"):
       shown = ", ".join(f"{b} bits {v:.4f}" for b, v in results["map"].items())
       print(f"mAP: {shown}  (results in {workdir}/results.json, report in {workdir}/report.md)")
@@ -70,7 +99,8 @@ def run_mode(mode: str, config, workdir: str) -> None:
     print(f"ablation table: {workdir}/ablation.md")
   elif mode == "search":
     from fgir_jax.train import search
-    search.search_command(config, workdir, _QUERY.value, k=_K.value, bits=_BITS.value)
+    search.search_command(config, workdir, _QUERY.value, k=_K.value, bits=_BITS.value,
+                          out_dir=_OUT.value)
   else:
     from fgir_jax.train import search
     search.index_command(config, workdir, _IMAGES.value, bits=_BITS.value)
@@ -86,15 +116,42 @@ def start_distributed(config) -> None:
 
 def parse_flags(argv):
   """absl's parsing, but a bad --config override is one line and exit 2, not a traceback."""
+  _check_config_file(argv)
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
     hint = f" (overrides given: {', '.join(overrides)})" if overrides else ""
-    message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-    print(f"error: bad command line: {message}{hint}; every --config.KEY must exist in the "
+    print(f"error: bad command line: {_one_line(e)}{hint}; every --config.KEY must exist in the "
           "config file and take a value of its type.", file=sys.stderr)
     sys.exit(2)
+
+
+def _one_line(e: BaseException) -> str:
+  """The error's text on one line: a KeyError's repr quotes and newlines are dropped."""
+  while e.args and isinstance(e.args[0], BaseException):  # an error wrapping another
+    e = e.args[0]
+  text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+  lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+  if isinstance(e, KeyError) and lines:
+    lines[0] = f"unknown key {lines[0]}"
+  return "; ".join(lines) if lines else type(e).__name__
+
+
+def _check_config_file(argv) -> None:
+  """A --config file that does not exist: one line naming it, before absl's multi-line error."""
+  for i, arg in enumerate(argv[1:], 1):
+    value = None
+    if arg.startswith("--config="):
+      value = arg.split("=", 1)[1]
+    elif arg == "--config" and i + 1 < len(argv):
+      value = argv[i + 1]
+    if value is not None:
+      path = value.split(":", 1)[0]
+      if not os.path.isfile(path):
+        print(f"error: config file {path} does not exist; pass one of the files in configs/ "
+              "(e.g. --config configs/demo.py), or a path to your own.", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def test_each_variant_changes_one_setting():
   assert all(get(v).data.cache_dir == "/tmp/cache" for v in ablation.VARIANTS)
   assert ablation.parse_variants("ce,no_enhance") == ["full", "no_enhance", "ce"]
   assert ablation.parse_variants("resnet18") == ["full", "no_enhance"]  # the old name
-  assert ablation.parse_variants("no_saliency") == ["no_saliency"]
+  assert ablation.parse_variants("no_saliency") == ["full", "no_saliency"]
 
 
 def test_unknown_variant_is_one_clear_error():

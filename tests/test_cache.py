@@ -201,10 +201,10 @@ def test_process_pool_and_no_cache_dir_give_the_same_pixels(files, tmp_path):
   assert memory.path is None
 
 
-def test_progress_bar_reports_rate(files, tmp_path, capsys):
+def test_progress_in_a_log_is_one_line_at_the_end(files, tmp_path, capsys):
   data.cached_images(files, 8, str(tmp_path / "cache"), progress=True)
   err = capsys.readouterr().err
-  assert "5/5 (100%)" in err and "img/s" in err
+  assert len(err.splitlines()) == 1 and ": 5 img in " in err
 
 
 def test_temporary_files_of_killed_runs_are_removed(files, tmp_path):
@@ -217,3 +217,27 @@ def test_temporary_files_of_killed_runs_are_removed(files, tmp_path):
   os.remove(stem + ".json")  # force a rebuild of this entry
   data.cached_images(files, 8, cache_dir, progress=False)
   assert not os.path.exists(orphan)
+
+
+def test_progress_rates_wait_for_the_first_update_and_a_terminal_gets_a_live_bar():
+  import io  # pylint: disable=g-import-not-at-top
+  from fgir_jax.progress import Progress  # pylint: disable=g-import-not-at-top
+
+  class Terminal(io.StringIO):
+    def isatty(self):
+      return True
+
+  log = io.StringIO()
+  bar = Progress(10, "epoch 1", stream=log, log_line=False)
+  bar.update(2)  # the first batch (it waited for the compile): no rate yet
+  assert bar.rate == 0.0 and "img/s" not in bar.summary()
+  bar.update(3)
+  assert bar.rate > 0 and "img/s" in bar.summary()
+  bar.close()
+  assert log.getvalue() == ""  # an epoch in a log: its stage prints the one line
+  tty = Terminal()
+  bar = Progress(10, "decode", stream=tty)
+  for _ in range(5):
+    bar.update(2)
+  bar.close()
+  assert "decode" in tty.getvalue() and "10/10" in tty.getvalue()

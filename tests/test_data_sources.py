@@ -247,7 +247,7 @@ def test_folder_errors(tmp_path):
 
 def test_tfds_missing_tensorflow_says_what_to_install(monkeypatch):
   monkeypatch.setitem(sys.modules, "tensorflow", None)  # makes `import tensorflow` fail
-  with pytest.raises(ImportError, match="pip install tensorflow tensorflow-datasets"):
+  with pytest.raises(ImportError, match=r"pip install -e '\.\[tfds\]'.*--config\.data\.root=DIR"):
     data.load_tfds("caltech_birds2011")
   with pytest.raises(ValueError, match="caltech_birds2011, stanford_dogs"):
     data.load_tfds("mnist")

@@ -37,7 +37,7 @@ def _finished_run(tmp_path, source="cub", saliency_on=True):
   config.data.source = source
   config.saliency.enabled = saliency_on
   config.stage2.bits = "16,64"
-  wd = Workdir(str(tmp_path / "run"), config.to_dict())
+  wd = Workdir(str(tmp_path / "run"))
   ds = _dataset(rng)
   n_q, n_db = int((~ds.is_train).sum()), int(ds.is_train.sum())
   results = {"map": {"16": 0.4321, "64": 0.5678}, "map_tie_aware": {"16": 0.4, "64": 0.55},
@@ -46,7 +46,7 @@ def _finished_run(tmp_path, source="cub", saliency_on=True):
   for epoch in (1, 2, 3):
     wd.log("stage1", epoch=epoch, accuracy=0.2 * epoch, loss=1.0 / epoch, train_accuracy=0.3)
   for bits in (16, 64):
-    np.savez(os.path.join(wd.dir("stage2"), f"codes_{bits}.npz"), bits=bits,
+    np.savez(os.path.join(wd.dir("codes"), f"codes_{bits}.npz"), bits=bits,
              query=np.packbits(rng.random((n_q, bits)) > 0.5, axis=1),
              database=np.packbits(rng.random((n_db, bits)) > 0.5, axis=1))
     for epoch in (1, 2):
@@ -172,3 +172,14 @@ def test_markdown_table_and_paper_numbers():
   assert report.paper_numbers("cub")["map_by_bits"][64] == pytest.approx(0.6822)
   assert report.paper_numbers("dogs")["map_by_loss"]["ce"] == pytest.approx(0.3826)
   assert report.paper_numbers("synthetic") == {} and report.paper_numbers("folder") == {}
+
+
+def test_report_lists_stage_times_versions_devices_and_skipped_files(tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  wd, config, ds = _finished_run(tmp_path)
+  wd.mark_done("data", {"skipped": 1, "skipped_files": ["/photos/broken.jpg"]})
+  wd.mark_done("stage1", {"accuracy": 0.5, "seconds": 12.3})
+  text = _read(report.write_report(wd, config, ds))
+  assert "## This run" in text and f"jax {jax.__version__}, flax " in text
+  assert "| stage1 | 12.3 s |" in text
+  assert "1 unreadable image file(s) were skipped" in text and "- /photos/broken.jpg" in text

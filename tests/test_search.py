@@ -41,7 +41,7 @@ def test_evaluate_writes_the_database_index(trained):
   config, workdir = trained
   for bits in (8, 12):
     idx = index_lib.HammingIndex.load(os.path.join(workdir, "index", f"index_{bits}.npz"))
-    codes = np.load(os.path.join(workdir, "stage2", f"codes_{bits}.npz"))
+    codes = np.load(os.path.join(workdir, "codes", f"codes_{bits}.npz"))
     assert idx.bits == bits
     np.testing.assert_array_equal(idx.codes, codes["database"])
     assert len(idx.class_names) == 4 and len(idx) == 24

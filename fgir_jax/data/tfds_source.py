@@ -90,9 +90,9 @@ def _import_tfds():
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise ImportError(
-        "load_tfds needs TensorFlow and tensorflow-datasets; pip install tensorflow "
-        "tensorflow-datasets (or read the unpacked archives with data.read_cub / data.read_dogs, "
-        "which need neither).") from None
+        "loading CUB or Dogs through tensorflow-datasets needs TensorFlow: pip install -e "
+        "'.[tfds]' (or pass the unpacked archive with --config.data.root=DIR, which needs "
+        "neither; data.read_cub / data.read_dogs in Python).") from None
   return tfds
 
 

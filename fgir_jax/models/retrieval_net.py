@@ -63,6 +63,8 @@ class RetrievalNet(nn.Module):
     backbone: "resnet18" (torchvision layout) or "efficientnet_lite0".
     frozen_stages: the backbone's stem and this many stages are frozen (see
       `resnet.ResNet`); `trainable_mask` says which parameters to update.
+    depth: EfficientNet-Lite's block-count multiplier (1.0 is Lite0); ResNet
+      takes its depth from stage_sizes.
     enhance_branch0, enhance_branch1, enhance_scale, enhance_zero_init: the
       enhancement block's widths (before `width`), residual scale and init;
       see `InceptionResNetC`.
@@ -85,6 +87,7 @@ class RetrievalNet(nn.Module):
   param_dtype: Any = jnp.float32
   backbone: str = "resnet18"
   frozen_stages: int = 0
+  depth: float = 1.0
 
   def trainable_mask(self, params):
     """A pytree like `params`: False for the frozen backbone stages, True elsewhere."""
@@ -142,7 +145,7 @@ def make_backbone(net: RetrievalNet, **module_kwargs) -> nn.Module:
   common = dict(width=net.width, dtype=net.dtype, param_dtype=net.param_dtype,
                 frozen_stages=int(net.frozen_stages), **module_kwargs)
   if net.backbone == "efficientnet_lite0":
-    module = efficientnet.EfficientNetLite0(**common)
+    module = efficientnet.EfficientNetLite0(depth=net.depth, **common)
     stages = len(module.stages)
   else:
     module = resnet.ResNet(stage_sizes=tuple(net.stage_sizes), **common)
@@ -169,6 +172,7 @@ ResNet18I = functools.partial(RetrievalNet, enhance=True)
 ResNet18Tiny = functools.partial(RetrievalNet, enhance=False, width=0.125)
 ResNet18ITiny = functools.partial(RetrievalNet, enhance=True, width=0.125)
 EfficientNetLite0I = functools.partial(RetrievalNet, enhance=True, backbone="efficientnet_lite0")
-# 1/8 width: 8-40 channels in the blocks, a 160-channel head; every block kept.
-EfficientNetLite0ITiny = functools.partial(RetrievalNet, enhance=True, width=0.125,
+# 1/8 width and half depth: 8-40 channels in 10 blocks (one per stage at least), a
+# 160-channel head; every kind of block and stride is kept.
+EfficientNetLite0ITiny = functools.partial(RetrievalNet, enhance=True, width=0.125, depth=0.5,
                                            backbone="efficientnet_lite0")

@@ -10,33 +10,26 @@ its own work directory under the ablation's directory:
   triplet      stage2.loss='triplet': Eq. 1 with a fixed margin
   ce           stage2.loss='ce': the hash layer trained with cross-entropy
 
-Variants reuse what they share with `full` instead of recomputing it: all of
-them the decoded images (one cache), `no_enhance`/`triplet`/`ce` its saliency
-boxes (so every network sees the same crops), `triplet`/`ce` its stage-1
-network and pooled features. Work already done is skipped, so an interrupted
-ablation resumes where it stopped when run again.
+Variants reuse every finished stage whose inputs equal theirs instead of
+recomputing it, wherever it lies: in another variant or in a finished run in
+the ablation's own directory (so `--mode ablate` on a trained run takes the
+`full` variant over from it). All of them share the decoded images (one
+cache); `no_enhance`/`triplet`/`ce` reuse the saliency boxes of `full` (so
+every network sees the same crops), `triplet`/`ce` its stage-1 network and
+features. Work already done is skipped, so an interrupted ablation resumes
+where it stopped when run again.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 
 from fgir_jax.train import config as config_lib
 from fgir_jax.train.workdir import Workdir, write_json
 
 VARIANTS = ("full", "no_enhance", "no_saliency", "triplet", "ce")
 _ALIASES = {"resnet18": "no_enhance"}
-
-# Which stages each variant takes over from `full` (their outputs, markers and log rows).
-_SHARED = {"no_enhance": ("data", "saliency"), "triplet": ("data", "saliency", "stage1"),
-           "ce": ("data", "saliency", "stage1"), "no_saliency": ("data",)}
-# What those stages leave in a work directory, beyond their marker.
-_OUTPUTS = {"saliency": ("saliency", "ckpt/saliency_net"),
-            "stage1": ("ckpt/stage1", "stage2/features.npz")}
-_LOG_STAGES = {"data": ("data",), "saliency": ("saliency", "saliency_net"),
-               "stage1": ("stage1",)}
 
 
 def variant_config(config, name: str, cache_dir: str):
@@ -59,49 +52,28 @@ def parse_variants(text: str) -> list[str]:
   unknown = [v for v in names if v not in VARIANTS]
   if unknown or not names:
     raise ValueError(f"--variants must list some of {', '.join(VARIANTS)}, got {text!r}.")
-  # `full` first: the others take its outputs.
-  if any(v in _SHARED and len(_SHARED[v]) > 1 for v in names) and "full" not in names:
+  # `full` first: every question compares a variant with it, and the others reuse its stages.
+  if "full" not in names:
     names.insert(0, "full")
-  return sorted(names, key=VARIANTS.index)
-
-
-def adopt(source: Workdir, target: Workdir, stages) -> None:
-  """Copies finished `stages` of `source` into `target` (which has none of them yet)."""
-  log = source.read_log()
-  for stage in stages:
-    summary = source.done(stage)
-    if summary is None or target.done(stage) is not None:
-      continue
-    for rel in _OUTPUTS.get(stage, ()):
-      src, dst = source.file(rel), target.file(rel)
-      if os.path.isdir(src):
-        shutil.copytree(src, dst, dirs_exist_ok=True)
-      elif os.path.exists(src):
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        shutil.copy2(src, dst)
-    for row in log:
-      if row["stage"] in _LOG_STAGES.get(stage, (stage,)):
-        target.log(row["stage"], **{k: v for k, v in row.items() if k not in ("stage", "time")})
-    target.mark_done(stage, dict(summary, adopted_from=source.path))
+  return sorted(set(names), key=VARIANTS.index)
 
 
 def run_ablation(config, workdir: str, variants: str = ",".join(VARIANTS), echo=print) -> dict:
   """Runs the variants and writes ablation.md / ablation.json in `workdir`; returns the rows."""
   from fgir_jax.train import pipeline  # pylint: disable=g-import-not-at-top  (import cycle)
   names = parse_variants(variants)
-  os.makedirs(workdir, exist_ok=True)
   cache_dir = os.path.join(os.path.abspath(workdir), "cache")
-  rows, workdirs = {}, {}
-  for name in names:
-    cfg = variant_config(config, name, cache_dir)
+  configs = {name: variant_config(config, name, cache_dir) for name in names}
+  for cfg in configs.values():  # every variant's settings are checked before any runs
     pipeline.check_config(cfg, config_lib.bit_list(cfg))
-    path = os.path.join(workdir, name)
-    wd = workdirs[name] = Workdir(path, cfg.to_dict(), overwrite=bool(cfg.overwrite))
-    if name in _SHARED and "full" in workdirs:
-      adopt(workdirs["full"], wd, _SHARED[name])
-    echo(f"==== ablation variant {name}: {path}")
-    pipeline.run(cfg, path, echo=echo)
-    rows[name] = summarise(wd, cfg)
+  paths = {name: os.path.join(workdir, name) for name in VARIANTS}
+  # A trained run in the ablation's own directory, and every variant, may hold stages to reuse.
+  sources = [workdir] + list(paths.values())
+  rows = {}
+  for name in names:
+    echo(f"==== ablation variant {name}: {paths[name]}")
+    pipeline.run(configs[name], paths[name], echo=echo, reuse_from=sources)
+    rows[name] = summarise(Workdir(paths[name], writable=False), configs[name])
   write_tables(workdir, config, rows)
   return rows
 

@@ -10,11 +10,29 @@ epoch can be restored for evaluation.
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as ocp_policy
+
+
+# Orbax writes a checkpoint under "<step>.orbax-checkpoint-tmp..." and renames it when complete.
+_TMP_MARK = ".orbax-checkpoint-tmp"
+
+
+def _remove_unfinished(directory: str, echo) -> None:
+  """Removes the half-written checkpoint a kill left behind, saying so in one line."""
+  if not os.path.isdir(directory):
+    return
+  for name in sorted(os.listdir(directory)):
+    if _TMP_MARK in name:
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+      step = name.split(".", 1)[0]
+      what = f"epoch {step}" if step.isdigit() else name
+      echo(f"removed the unfinished checkpoint of {what} in {directory} (the run was stopped "
+           "while saving it)")
 
 
 class StageCheckpoints:
@@ -25,9 +43,13 @@ class StageCheckpoints:
   resumed run continues from the last epoch, not the best one.
   """
 
-  def __init__(self, directory: str, best_metric: str | None = None):
+  def __init__(self, directory: str, best_metric: str | None = None, echo=print,
+               read_only: bool = False):
     self.directory = os.path.abspath(directory)
     self.best_metric = best_metric
+    self.read_only = read_only
+    if not read_only:
+      _remove_unfinished(self.directory, echo)
     best_fn = None
     policies = [ocp_policy.LatestN(n=1)]
     if best_metric:
@@ -37,12 +59,16 @@ class StageCheckpoints:
         best_fn=best_fn, best_mode="max",  # what best_step() ranks by
         preservation_policy=ocp_policy.AnyPreservationPolicy(policies),
         enable_async_checkpointing=False,  # stages are short; simpler failure modes
-        create=True)
+        # Restoring only (read_only=True here) creates nothing and saves nothing;
+        # Orbax's own read_only mode would log two warnings for it.
+        create=not read_only)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", "meta"))
 
   def save(self, step: int, state: Any, meta: dict) -> None:
     """Writes `state` (a pytree of arrays) and `meta` (JSON-able) at `step`."""
+    if self.read_only:
+      raise RuntimeError(f"{self.directory} was opened read-only; it cannot be saved to.")
     metrics = meta.get("metrics") if self.best_metric else None
     self._manager.save(
         step,

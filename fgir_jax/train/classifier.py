@@ -35,6 +35,7 @@ def make_net(config, num_classes: int, enhance: bool | None = None,
       num_classes=num_classes, hash_bits=None,
       enhance=m.enhance if enhance is None else enhance, width=m.width,
       enhance_scale=m.enhance_scale, dtype=jnp.dtype(m.dtype), backbone=m.backbone,
+      depth=float(m.depth),
       frozen_stages=int(m.frozen_stages) if frozen else 0)
 
 
@@ -85,24 +86,28 @@ def train_classifier(run: Run, name: str, images: np.ndarray, epochs: int = 0):
   key = run.stage_key(name)
   parallel.check_divisible(settings.batch_size, run.mesh, "stage1.batch_size")
   state = stage1_lib.create_state(init_variables(run, net, key), optimizer)
-  with StageCheckpoints(run.wd.dir("ckpt", name), best_metric="accuracy") as ckpt:
+  with StageCheckpoints(run.wd.out_dir("ckpt", name), best_metric="accuracy",
+                        echo=run.echo) as ckpt:
     start, acc = 0, float("nan")
     if ckpt.latest_step() is not None:
       state, meta = ckpt.restore(ckpt.latest_step(), state)
       start, acc = int(meta["epoch"]), float(meta["metrics"]["accuracy"])
       run.echo(f"{name}: resuming after epoch {start}")
     state = parallel.replicate(state, run.mesh)
+    if start < settings.epochs:
+      run.echo(f"{name}: compiling the train step (the first batch waits for it)")
     for epoch in range(start, settings.epochs):
-      state, train_stats = _classifier_epoch(run, name, net, optimizer, settings, state,
-                                             train_in, key, epoch)
+      state, train_stats, timing = _classifier_epoch(run, name, net, optimizer, settings, state,
+                                                     train_in, key, epoch)
       row = dict(train_stats)
       if (epoch + 1) % settings.eval_every == 0 or epoch + 1 == settings.epochs:
+        run.echo(f"{name}: evaluating on {query_in.num_examples} queries")
         acc = row["accuracy"] = _query_accuracy(run, net, stage1_lib.variables_of(state), query_in)
       ckpt.save(epoch + 1, state, {"epoch": epoch + 1, "metrics": {"accuracy": acc}})
       run.wd.log(name, epoch=epoch + 1, **row)
       shown = f" query acc {row['accuracy']:.4f}" if "accuracy" in row else ""
       run.echo(f"{name}: epoch {epoch + 1}/{settings.epochs} loss {train_stats['loss']:.4f} "
-               f"train acc {train_stats['train_accuracy']:.3f}{shown}")
+               f"train acc {train_stats['train_accuracy']:.3f}{shown} ({timing})")
   # Downstream stages use the final epoch (the best one is kept on disk too):
   # picking the epoch by query accuracy would tune on the test set.
   return net, stage1_lib.variables_of(state), acc
@@ -112,8 +117,8 @@ def _classifier_epoch(run, name, net, optimizer, settings, state, train_in, key,
   sums, count = {}, 0
   # Full batches only, unless the set is smaller than one batch (tiny runs).
   drop = train_in.num_examples >= settings.batch_size
-  progress = progress_bar(run, train_in.steps_per_epoch(settings.batch_size, drop) * settings.batch_size,
-                       f"{name} epoch {epoch + 1}")
+  progress = progress_bar(run, train_in.steps_per_epoch(settings.batch_size, drop)
+                          * settings.batch_size, f"{name} epoch {epoch + 1}", log_line=False)
   for batch in train_in.train_batches(key, epoch, settings.batch_size, drop_remainder=drop):
     batch = parallel.shard_batch(batch, run.mesh)
     state, m = stage1_lib.train_step(state, batch, net=net, optimizer=optimizer,
@@ -125,11 +130,13 @@ def _classifier_epoch(run, name, net, optimizer, settings, state, train_in, key,
   progress.close()
   stats = {k: float(v) / max(count, 1) for k, v in sums.items()}
   if not np.isfinite(stats.get("loss", 0.0)):
+    lower = settings.learning_rate / 10
     raise FloatingPointError(
-        f"{name}: the loss became {stats['loss']} in epoch {epoch + 1}; the last good "
-        "checkpoint is kept: lower stage1.learning_rate and run again to resume.")
+        f"{name}: the loss became {stats['loss']} in epoch {epoch + 1}; the checkpoint of "
+        f"epoch {epoch} is kept. Lower the learning rate and run again (the stage starts "
+        f"afresh with it): {run.command} --config.stage1.learning_rate={lower:g}")
   stats["train_accuracy"] = stats.pop("accuracy", 0.0)
-  return state, stats
+  return state, stats, progress.summary()
 
 
 def _query_accuracy(run, net, variables, query_in) -> float:
@@ -153,7 +160,12 @@ def encode_all(run: Run, net, variables, images, desc: str, with_maps: bool = Fa
 
 
 def stage_stage1(run: Run) -> dict:
-  _, _, acc = train_classifier(run, "stage1", run.crops)
+  """Trains stage 1, then writes the frozen network's pooled features of every image
+  (stage1/features.npz), which stage 2 and the evaluation use."""
+  net, variables, acc = train_classifier(run, "stage1", run.crops)
+  out = encode_all(run, net, variables, run.crops, "pooled features")
+  np.savez(run.wd.out("stage1", "features.npz"), features=out["pooled"],
+           labels=run.dataset.labels, is_train=run.dataset.is_train)
   return {"accuracy": acc}
 
 
@@ -167,11 +179,11 @@ def restore_classifier(run: Run, name: str):
   net = make_net(run.config, len(run.dataset.class_names))
   variables = init_variables_shapes(run, net, run.stage_key(name))
   like = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-  with StageCheckpoints(run.wd.file("ckpt", name), best_metric="accuracy") as ckpt:
+  with StageCheckpoints(run.wd.read("ckpt", name), best_metric="accuracy",
+                        read_only=True) as ckpt:
     step = ckpt.latest_step()
     if step is None:
-      raise ValueError(f"{run.wd.path} has no {name} checkpoint; run the {name.split('_')[0]} "
-                       "stage first (python launch.py with the same --config and --workdir).")
+      raise ValueError(f"{run.wd.path} has no {name} checkpoint; train it first: {run.command}")
     full, _ = ckpt.restore(step, _state_like(like, net))
   return net, {"params": full["params"], "batch_stats": full["batch_stats"]}
 

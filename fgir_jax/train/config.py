@@ -19,7 +19,10 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.stages = ",".join(STAGES)          # comma-separated subset, run in this order
-  c.overwrite = False                  # reuse a workdir made by a different config
+  # Stages to recompute although their inputs are unchanged, e.g. "stage1" or
+  # "stage2,evaluate"; what depends on them reruns too. The finished results
+  # stay until the new ones are complete. Changed inputs need no switch.
+  c.rerun = ""
   c.progress = True                    # progress bars on stderr
 
   # ---- data -----------------------------------------------------------------
@@ -40,6 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.backbone = "resnet18"        # or "efficientnet_lite0" (models.BACKBONES)
   c.model.width = 1.0                  # channel multiplier; 0.125 is the tiny net
+  c.model.depth = 1.0                  # EfficientNet-Lite block-count multiplier
   c.model.enhance = True               # Inception-ResNet-C after the last stage
   c.model.enhance_scale = 0.2
   c.model.dtype = "float32"            # compute dtype; "bfloat16" on GPUs

@@ -15,11 +15,14 @@ from fgir_jax.train.workdir import Workdir
 class Run:
   """The config, the work directory and the arrays the stages load and hand on."""
 
-  def __init__(self, config, workdir: str, echo=print):
+  def __init__(self, config, workdir: str, echo=print, writable: bool = True,
+               command: str | None = None):
     self.config = config
+    # The command that runs this, for the fixes messages suggest.
+    self.command = command or f"python launch.py --config CONFIG_FILE --workdir {workdir}"
     self.stages = config_lib.stage_list(config)
     self.bits = config_lib.bit_list(config)
-    self.wd = Workdir(workdir, config.to_dict(), overwrite=bool(config.overwrite))
+    self.wd = Workdir(workdir, writable=writable)
     self.echo = echo
     self.key = jax.random.key(int(config.seed))
     # Train steps, the miner and the evaluation run data-parallel over this mesh.
@@ -34,7 +37,10 @@ class Run:
 
   @property
   def cache_dir(self) -> str:
-    return self.config.data.cache_dir or self.wd.dir("cache")
+    """The decode cache: data.cache_dir, else <workdir>/cache (content-keyed, shared by reruns)."""
+    if self.config.data.cache_dir:
+      return self.config.data.cache_dir
+    return self.wd.dir("cache") if self.wd.writable else self.wd.file("cache")
 
   def stage_key(self, name: str) -> jax.Array:
     """The stage's own key: distinct names give unrelated keys (stage2_24 vs stage2_42)."""
@@ -46,5 +52,5 @@ def name_to_int(name: str) -> int:
   return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:4], "little")
 
 
-def progress_bar(run: Run, total: int, desc: str) -> Progress:
-  return Progress(total, desc, enabled=bool(run.config.progress))
+def progress_bar(run: Run, total: int, desc: str, log_line: bool = True) -> Progress:
+  return Progress(total, desc, enabled=bool(run.config.progress), log_line=log_line)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from fgir_jax import data as data_lib
 from fgir_jax.train.context import Run
 
@@ -42,14 +44,70 @@ def _first_classes(ds: data_lib.Dataset, max_classes: int) -> data_lib.Dataset:
                              class_names=ds.class_names[:max_classes])
 
 
+def check_dataset(ds: data_lib.Dataset, echo=print) -> None:
+  """Stops on data the method cannot use; counts classes without a positive pair.
+
+  Raises:
+    ValueError: an empty split, or fewer than two classes in the training
+      split (retrieval and the triplet loss need other classes to rank).
+  """
+  n_train, n_test = int(ds.is_train.sum()), int((~ds.is_train).sum())
+  if n_train == 0 or n_test == 0:
+    empty = "training (database)" if n_train == 0 else "test (query)"
+    raise ValueError(f"{ds.name}: the {empty} split is empty ({n_train} train / {n_test} test "
+                     "images); give a dataset with images in both splits (for a folder source, "
+                     "at least two images per class, or set --config.data.folder_test_fraction).")
+  counts = np.bincount(ds.labels[ds.is_train], minlength=len(ds.class_names))
+  present = int((counts > 0).sum())
+  if present < 2:
+    raise ValueError(f"{ds.name}: the training split has {present} class; fine-grained retrieval "
+                     "needs at least two (a single class would score accuracy 100% and mAP 1.0 "
+                     "by construction).")
+  single = int((counts == 1).sum())
+  if single:
+    echo(f"warning: {single} class(es) have a single training image: their anchors have no "
+         "positive and add no triplet to stage 2.")
+
+
 def stage_data(run: Run) -> dict:
-  ds = load_dataset(run.config)
+  ds = run.dataset if run.dataset is not None else load_dataset(run.config)
   cached = data_lib.cached_images(ds, run.size, run.cache_dir, skip_bad=run.config.data.skip_bad,
                                   progress=bool(run.config.progress))
   if len(cached.kept) != len(ds.labels):
     ds = ds.subset(cached.kept)
   run.dataset, run.images = ds, cached.images
-  return {"images": len(ds.labels), "train": int(ds.is_train.sum()),
-          "test": int((~ds.is_train).sum()), "classes": len(ds.class_names),
-          "skipped": len(getattr(cached, "bad", []) or [])}
+  run.skipped_files = list(getattr(cached, "bad", []) or [])
+  return data_summary(run)
 
+
+def data_summary(run: Run) -> dict:
+  ds = run.dataset
+  skipped = list(getattr(run, "skipped_files", []))
+  summary = {"images": len(ds.labels), "train": int(ds.is_train.sum()),
+             "test": int((~ds.is_train).sum()), "classes": len(ds.class_names),
+             "skipped": len(skipped)}
+  if skipped:
+    summary["skipped_files"] = skipped[:50]  # the report lists them
+  return summary
+
+
+
+def write_examples(run: Run, count: int = 4) -> list[str]:
+  """Test-split images of an in-memory source (the synthetic birds) as PNG files in examples/,
+  so that `--mode search --query` has images to try; file sources already have theirs."""
+  ds = run.dataset
+  if ds.images is None:
+    return []
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  paths, seen = [], set()
+  for row in np.flatnonzero(~ds.is_train):
+    label = int(ds.labels[row])
+    if label in seen:
+      continue
+    seen.add(label)
+    path = run.wd.out("examples", f"query_{len(paths) + 1}.png")  # of class ds.class_names[label]
+    Image.fromarray(ds.images[row]).save(path)
+    paths.append(path)
+    if len(paths) == count:
+      break
+  return paths

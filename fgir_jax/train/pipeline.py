@@ -1,15 +1,19 @@
 """The whole method, stage by stage: data -> saliency -> stage 1 -> stage 2 -> evaluate -> report.
 
-`run(config, workdir)` is what `launch.py` calls. Each stage leaves its outputs
-in the work directory and a marker in `stages/`; a finished stage is skipped on
-the next run and an interrupted training stage resumes from its last Orbax
-checkpoint (see workdir.py and checkpoints.py).
+`run(config, workdir)` is what `launch.py` calls. It checks everything it can
+before writing anything (config values, the data, the weights file), then runs
+the stages whose inputs changed since they last finished (stages.plan says
+which and why), each writing into its staging directory and committed when
+complete (workdir.py). A killed run resumes from its last Orbax checkpoint
+when the same command is run again; finished results are never deleted, only
+replaced by the completed results of a rerun.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 
 from fgir_jax import _validate
 from fgir_jax import models
@@ -19,7 +23,9 @@ from fgir_jax.train import data_stage
 from fgir_jax.train import hashing
 from fgir_jax.train import inference
 from fgir_jax.train import saliency_stage
+from fgir_jax.train import stages as stages_lib
 from fgir_jax.train.context import Run
+from fgir_jax.train.workdir import Workdir
 
 
 def check_config(config, bits) -> None:
@@ -46,51 +52,122 @@ def check_config(config, bits) -> None:
 
 
 
+def check_rerun(config) -> set[str]:
+  """config.rerun as a set of concrete stages ("stage2" means every code length)."""
+  names = [n.strip() for n in str(config.rerun or "").split(",") if n.strip()]
+  known = stages_lib.all_stages(config)
+  out = set()
+  for name in names:
+    if name == "stage2":
+      out.update(s for s in known if s.startswith("stage2_"))
+    elif name in known:
+      out.add(name)
+    else:
+      raise ValueError(f"--config.rerun names {name!r}, which is not a stage of this run; "
+                       f"choose from {', '.join(['stage2'] + known)}.")
+  return out
+
+
 def stage_report(run: Run) -> dict:
   from fgir_jax.train import report  # pylint: disable=g-import-not-at-top  (matplotlib)
   path = report.write_report(run.wd, run.config, run.dataset, run.images, run.crops)
-  return {"report": path}
+  return {"report": os.path.relpath(path, run.wd.staging("report"))}
 
 
 # ----------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------
-# Every stage after "data" needs its arrays (a cache hit once decoded); the report draws them.
-_STAGES = {"saliency": saliency_stage.stage_saliency, "stage1": classifier.stage_stage1,
-           "stage2": hashing.stage_stage2, "evaluate": hashing.stage_evaluate,
-           "report": stage_report}
-_NEED_IMAGES = ("data", "saliency", "stage1", "stage2", "evaluate", "report")
+def _run_stage(r: Run, stage: str) -> dict:
+  if stage == "saliency":
+    if not r.config.saliency.enabled:
+      return {"enabled": False}
+    return saliency_stage.stage_saliency(r)
+  if r.crops is None:
+    saliency_stage.load_crops(r)
+  if stage == "stage1":
+    return classifier.stage_stage1(r)
+  if stage.startswith("stage2_"):
+    return hashing.stage_stage2(r, stages_lib.bits_of(stage))
+  if stage == "evaluate":
+    return hashing.stage_evaluate(r)
+  return stage_report(r)
 
 
-def run(config, workdir: str, echo=print) -> dict:
-  """Runs the stages the config names; returns results.json's content (if written)."""
-  check_config(config, config_lib.bit_list(config))  # bad values fail now, not hours in
+def run(config, workdir: str, echo=print, reuse_from=(), command: str | None = None) -> dict:
+  """Runs the stages of config.stages that are not up to date; returns results.json's content.
+
+  reuse_from: other work directories whose finished stages with the same
+  inputs are taken over instead of recomputed (the ablation's variants).
+  command: the command line that runs this (kept in command.txt for the hints
+  of search and serve).
+  """
+  bits = config_lib.bit_list(config)
+  check_config(config, bits)  # bad values fail now, not hours in
+  rerun = check_rerun(config)
+  dataset = data_stage.load_dataset(config)  # a missing or degenerate dataset fails here
+  data_stage.check_dataset(dataset, echo)
   if config.model.pretrained == "imagenet":
-    # Fetched (or found) before the run starts: no network fails here, in one line.
+    # Fetched (or found) before anything is written: no network fails here, in one line.
     models.imagenet_file(config.model.backbone, progress=bool(config.progress))
-  r = Run(config, workdir, echo)
-  todo = [s for s in r.stages if r.wd.done(s) is None]
-  skipped = [s for s in r.stages if s not in todo]
+  # Nothing was written before this line.
+  r = Run(config, workdir, echo, command=command)
+  fps = stages_lib.fingerprints(config)
+  r.wd.use_staged(fps)
+  _reuse(r, reuse_from, fps)
+  steps = stages_lib.plan(config, r.wd, rerun)
+  for line in stages_lib.describe(steps, config):
+    echo(line)
+  todo = [step.stage for step in steps]
+  skipped = [s for s in stages_lib.concrete(config) if s not in todo]
   if skipped:
     echo(f"already done, skipped: {', '.join(skipped)}")
-  if any(s in todo for s in _NEED_IMAGES):
-    stage_data_summary = data_stage.stage_data(r)
-    if "data" in todo:
-      r.wd.mark_done("data", stage_data_summary)
-      r.wd.log("data", **stage_data_summary)
-      todo.remove("data")
-    echo(f"data: {stage_data_summary}")
-  for name in todo:
-    if name == "saliency" and not config.saliency.enabled:
-      r.wd.mark_done(name, {"enabled": False})
-      continue
-    if name in ("stage1", "stage2", "evaluate", "report") and r.crops is None:
-      saliency_stage.load_crops(r)
-    echo(f"== {name}")
-    summary = _STAGES[name](r)
-    r.wd.mark_done(name, summary)
+  if todo:
+    r.dataset = dataset
+    summary = data_stage.stage_data(r)
+    echo(f"data: {summary['images']} images ({summary['train']} train / {summary['test']} test), "
+         f"{summary['classes']} classes" + (f", {summary['skipped']} unreadable files skipped"
+                                            if summary["skipped"] else ""))
+  for step in steps:
+    started = time.time()
+    r.wd.begin(step.stage, fps[step.stage])
+    if step.stage == "data":
+      summary = data_stage.data_summary(r)
+      data_stage.write_examples(r)
+      r.wd.log("data", **summary)
+    else:
+      echo(f"== {step.stage}" + (" (resuming)" if "resuming" in step.reason else ""))
+      try:
+        summary = _run_stage(r, step.stage)
+      except BaseException:
+        r.wd.abandon()  # the staged work stays, to resume; the finished results are untouched
+        raise
+    summary = dict(summary, seconds=round(time.time() - started, 1))
+    r.wd.finish(step.stage, summary, fps[step.stage], stages_lib.reads(config, step.stage))
+  # Everything this command computed replaces the finished results at once.
+  r.wd.commit_all(stages_lib.all_stages(config), config.to_dict(), command)
   path = r.wd.file("results.json")
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)
   return {}
+
+
+def _reuse(r: Run, sources, fps) -> None:
+  """Stages the finished stages of `sources` whose inputs equal this run's, to take them over."""
+  if not sources:
+    return
+  others = [Workdir(path, writable=False) for path in sources
+            if os.path.abspath(path) != r.wd.path and os.path.isdir(path)]
+  for stage in stages_lib.all_stages(r.config):
+    mine = r.wd.final_marker(stage)
+    if mine is not None and mine.get("fingerprint") == fps[stage]:
+      continue
+    if r.wd.staged_marker(stage, fps[stage]) is not None:
+      continue
+    for other in others:
+      marker = other.final_marker(stage)
+      if marker is not None and marker.get("fingerprint") == fps[stage]:
+        log_stages = stages_lib.LOG_STAGES.get(stages_lib.base_name(stage), (stage,))
+        r.wd.adopt(other, stage, log_stages)
+        r.echo(f"{stage}: reused from {other.path} (same inputs)")
+        break

@@ -97,10 +97,10 @@ def _read_json(path: str) -> dict:
 
 def _run_facts(wd, config) -> dict:
   """results.json plus what the tables need from the logs."""
-  results = _read_json(wd.file("results.json"))
+  results = _read_json(wd.read("results.json"))
   bits = sorted(int(b) for b in (results.get("map") or {}))
   boot = wd.read_log("saliency_net")
-  summary = _read_json(wd.file("saliency", "summary.json"))
+  summary = _read_json(wd.read("saliency", "summary.json"))
   if not summary:  # an older run logged it only
     summary = (wd.read_log("saliency") or [{}])[-1]
   return {
@@ -227,6 +227,30 @@ def _localisation_section(config, facts, dataset) -> list[str]:
                  "The paper reports no localisation numbers.", ""]
 
 
+def _run_section(wd, config) -> list[str]:
+  """Where and how long: stage times, skipped files, library versions and devices."""
+  import flax  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from fgir_jax.train import stages as stages_lib  # pylint: disable=g-import-not-at-top
+  rows = []
+  for stage in stages_lib.all_stages(config)[:-1]:  # the report is being written
+    marker = wd.done(stage) or {}
+    if "seconds" in marker:
+      rows.append([stage, f"{marker['seconds']:.1f} s", marker.get("adopted_from", "")])
+  devices = jax.devices()
+  lines = ["## This run", "",
+           f"jax {jax.__version__}, flax {flax.__version__}; {len(devices)} device(s): "
+           f"{', '.join(sorted({d.device_kind for d in devices}))} ({jax.default_backend()}).", ""]
+  if rows:
+    lines += [markdown_table(["stage", "time", "reused from"], rows), ""]
+  data = wd.done("data") or {}
+  skipped = data.get("skipped_files") or []
+  if data.get("skipped"):
+    lines += [f"{data['skipped']} unreadable image file(s) were skipped (data.skip_bad):", ""]
+    lines += [f"- {path}" for path in skipped] + [""]
+  return lines
+
+
 def _protocol_notes(config, paper, classes: int | None = None) -> list[str]:
   """Where this run departs from the paper's protocol, so that gaps read right."""
   if not paper:
@@ -259,7 +283,7 @@ def _protocol_notes(config, paper, classes: int | None = None) -> list[str]:
 # Figures and the whole report
 # ----------------------------------------------------------------------------
 def _figures(wd, config, facts, dataset, images, crops) -> tuple[list[str], dict]:
-  plots = wd.dir("plots")
+  plots = wd.out_dir("plots")
   shown = crops if crops is not None else images
   made, skipped = [], {}
   for m, s in (report_plots.plot_stage2_curves(wd, facts["bits"], plots),
@@ -314,10 +338,11 @@ def write_report(wd, config, dataset=None, images=None, crops=None) -> str:
   lines += _accuracy_section(config, facts, paper) + _loss_section(config, facts, paper)
   lines += _saliency_section(config, facts, paper) + _bits_section(facts, paper)
   lines += _localisation_section(config, facts, dataset)
+  lines += _run_section(wd, config)
   lines += ["## Settings", "", "```json", config.to_json_best_effort(indent=2, sort_keys=True),
             "```", ""]
   lines += _figure_section(made, skipped)
-  path = wd.file("report.md")
+  path = wd.out("report.md")
   with open(path + ".tmp", "w") as f:
     f.write("\n".join(lines))
   os.replace(path + ".tmp", path)

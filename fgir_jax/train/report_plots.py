@@ -116,7 +116,7 @@ def pick_queries(labels: np.ndarray, n: int = NUM_SHOWN) -> np.ndarray:
 def plot_saliency_crops(wd, config, dataset, images, plots: str):
   """Saliency maps and boxes at several alpha on a few test images."""
   name = "saliency_crops.png"
-  path = wd.file("saliency", "boxes.npz")
+  path = wd.read("saliency", "boxes.npz")
   if not config.saliency.enabled or not os.path.exists(path):
     return [], {name: "the saliency stage did not run (saliency.enabled or stages)"}
   if dataset is None or images is None:
@@ -156,9 +156,12 @@ def top_results(q_packed: np.ndarray, db_packed: np.ndarray, k: int = TOP_K):
 
 
 def longest_codes(wd):
-  """(bits, query, database) of the longest stage2/codes_<bits>.npz, or None."""
+  """(bits, query, database) of the longest codes/codes_<bits>.npz, or None."""
   found = {}
-  for path in glob.glob(wd.file("stage2", "codes_*.npz")):
+  # codes/ since 0.2; stage2/ in earlier runs.
+  paths = (glob.glob(wd.file("stage2", "codes_*.npz"))
+           + glob.glob(wd.read("codes", "codes_*.npz")))
+  for path in paths:
     m = re.fullmatch(r"codes_(\d+)\.npz", os.path.basename(path))
     if m:
       found[int(m.group(1))] = path
@@ -174,7 +177,7 @@ def plot_retrieval_grid(wd, dataset, shown, plots: str):
   name = "retrieval_grid.png"
   codes = longest_codes(wd)
   if codes is None:
-    return [], {name: "no stage2/codes_<bits>.npz (the evaluate stage did not run)"}
+    return [], {name: "no codes/codes_<bits>.npz (the evaluate stage did not run)"}
   if dataset is None or shown is None:
     return [], {name: "write_report was not given the dataset and its images"}
   bits, q, db = codes

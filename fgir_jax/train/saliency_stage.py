@@ -38,8 +38,7 @@ def stage_saliency(run: Run) -> dict:
   out = classifier.encode_all(run, net, variables, run.images, "saliency maps", with_maps=True)
   boxes = np.asarray(saliency.boxes_from_maps(out["maps"], alpha=sal.alpha, mode=sal.mode,
                                               image_size=(run.size, run.size), margin=sal.margin))
-  out_dir = run.wd.dir("saliency")
-  np.savez(os.path.join(out_dir, "boxes.npz"), boxes=boxes, maps=out["maps"])
+  np.savez(run.wd.out("saliency", "boxes.npz"), boxes=boxes, maps=out["maps"])
   summary = {"alpha": sal.alpha, "mode": sal.mode,
              "mean_box_area": float(np.mean((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])))}
   if uncropped_accuracy is not None:
@@ -51,13 +50,13 @@ def stage_saliency(run: Run) -> dict:
     # The same measure for the uncropped image as a baseline: how much the crop localises.
     summary["full_image_corloc"] = saliency.corloc(np.tile([[0, 0, 1, 1]], (len(boxes), 1)), ds.boxes)
   run.wd.log("saliency", **summary)
-  write_json(os.path.join(out_dir, "summary.json"), summary)
+  write_json(run.wd.out("saliency", "summary.json"), summary)
   return summary
 
 
 def load_crops(run: Run) -> None:
   """run.crops: the saliency crops when the saliency stage ran, else the images."""
-  path = run.wd.file("saliency", "boxes.npz")
+  path = run.wd.read("saliency", "boxes.npz")
   if not run.config.saliency.enabled or not os.path.exists(path):
     run.crops = run.images
     return

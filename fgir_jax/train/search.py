@@ -14,8 +14,10 @@ from __future__ import annotations
 import os
 
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from fgir_jax import data as data_lib
 from fgir_jax import index as index_lib
 from fgir_jax import saliency
 from fgir_jax.data import batching
@@ -25,7 +27,9 @@ from fgir_jax.train import config as config_lib
 from fgir_jax.train import data_stage
 from fgir_jax.train import inference
 from fgir_jax.train import stage2 as stage2_lib
+from fgir_jax.train import stages as stages_lib
 from fgir_jax.train.context import Run
+from fgir_jax.train.workdir import Workdir
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -35,18 +39,20 @@ def index_path(wd, bits: int) -> str:
 
 
 class Searcher:
-  """The trained pieces of a work directory: saliency network, stage-1 network, hash layer, index."""
+  """The trained pieces of a work directory: saliency network, stage-1 network, hash layer, index.
+
+  It opens the run read-only and with the run's own settings (its
+  config.json): nothing is written into the work directory, so a read-only or
+  shared run can be searched.
+  """
 
   def __init__(self, config, workdir: str, bits: int | None = None):
     if not os.path.isdir(workdir):
       raise FileNotFoundError(f"work directory {workdir} does not exist; train a model there "
-                              "first (python launch.py --config ... --workdir DIR).")
-    self.run = Run(config, workdir, echo=lambda _: None)
-    missing = [s for s in ("stage1", "stage2", "evaluate") if self.run.wd.done(s) is None]
-    if missing:
-      raise ValueError(f"{workdir} has no trained model and index yet (stage(s) {', '.join(missing)}"
-                       " not finished); run python launch.py with the same --config and "
-                       "--workdir first.")
+                              "first (python launch.py --config CONFIG --workdir DIR).")
+    config = run_config(config, workdir)
+    self.run = Run(config, workdir, echo=lambda _: None, writable=False)
+    _check_trained(self.run, config)
     self.bits = self._pick_bits(bits)
     self.index = index_lib.HammingIndex.load(index_path(self.run.wd, self.bits))
     # The networks only need the class count; the labels come from the index.
@@ -62,8 +68,8 @@ class Searcher:
     trained = [b for b in config_lib.bit_list(self.run.config)
                if os.path.exists(index_path(self.run.wd, b))]
     if not trained:
-      raise ValueError(f"{self.run.wd.path} has no index (index/index_<bits>.npz); run the "
-                       "evaluate stage again to write it.")
+      raise ValueError(f"{self.run.wd.path} has no index (index/index_<bits>.npz); write it "
+                       f"again with: {train_command(self.run.wd)} --config.rerun=evaluate")
     if bits is None:
       return max(trained)
     if bits not in trained:
@@ -79,6 +85,10 @@ class Searcher:
   def load_files(self, paths: list[str]) -> np.ndarray:
     """The uncropped images of `paths`, decoded and resized as the cache does."""
     for p in paths:
+      if os.path.isdir(p):
+        raise ValueError(f"query {p} is a folder, not an image; pass image files with --query "
+                         "(one --query per image), or add a folder to the index with --mode "
+                         "index --images FOLDER.")
       if not os.path.isfile(p):
         raise FileNotFoundError(f"query image {p} does not exist; check the path.")
     return np.stack([cache_lib.load_image(p, self.run.size) for p in paths])
@@ -129,12 +139,54 @@ class Searcher:
     if path and os.path.isfile(path):
       return cache_lib.load_image(path, self.run.size)
     if self._train_images is None:
-      data_stage.stage_data(self.run)  # a cache hit: decoded in training
-      self._train_images = self.run.images[self.run.dataset.is_train]
+      # Items without a file are in-memory images (the synthetic source): made again here,
+      # never decoded into the run's cache.
+      ds = data_stage.load_dataset(self.run.config)
+      images = data_lib.cached_images(ds, self.run.size, None, progress=False).images
+      self._train_images = images[ds.is_train]
     return self._train_images[item]
 
   def path(self, item: int) -> str:
     return self._paths[item]
+
+
+def train_command(wd) -> str:
+  """The command that trained the run (recorded in command.txt), to resume or rerun it."""
+  try:
+    with open(wd.file("command.txt")) as f:
+      return f.read().strip()
+  except OSError:
+    return f"python launch.py --config CONFIG_FILE --workdir {wd.path}"
+
+
+def run_config(config, workdir: str):
+  """The settings the run was trained with (its config.json); `config` for older runs."""
+  saved = Workdir(workdir, writable=False).saved_config()
+  if saved is None:
+    return config
+  return ml_collections.ConfigDict(saved)
+
+
+def _check_trained(run: Run, config) -> None:
+  """A finished run whose stage 1, stage 2 and index match its settings, or one clear line."""
+  command = train_command(run.wd)
+  needed = ["stage1"] + [f"stage2_{b}" for b in config_lib.bit_list(config)] + ["evaluate"]
+  fps = stages_lib.fingerprints(config)
+  missing, stale = [], []
+  for stage in needed:
+    marker = run.wd.done(stage)
+    if marker is None and stage.startswith("stage2_") and run.wd.done("stage2") is not None:
+      continue  # runs before 0.2 marked stage 2 once for every code length
+    if marker is None:
+      missing.append(stage)
+    elif marker.get("fingerprint") not in (None, fps[stage]):
+      stale.append(stage)
+  if missing:
+    raise ValueError(f"{run.wd.path} has no trained model and index yet (stage(s) "
+                     f"{', '.join(missing)} not finished); finish training first: {command}")
+  if stale:
+    raise ValueError(f"{run.wd.path} is being retrained with new settings ({', '.join(stale)} "
+                     f"not finished); finish it first: {command}")
 
 
 class _ClassesOnly:
@@ -145,12 +197,17 @@ class _ClassesOnly:
 
 
 def search_command(config, workdir: str, queries: list[str], k: int = 10,
-                   bits: int | None = None, echo=print) -> dict:
-  """Prints the top k of each query and writes search/results.png; returns the results."""
+                   bits: int | None = None, echo=print, out_dir: str = ".") -> dict:
+  """Prints the top k of each query and draws them into OUT/search_results.png.
+
+  Nothing is written into the work directory; `out_dir` (--out, default the
+  current directory) gets the picture.
+  """
   if not queries:
     raise ValueError("--mode search needs at least one --query IMAGE.")
   if k < 1:
     raise ValueError(f"--k must be a positive number of results, got {k}.")
+  _check_out_dir(out_dir)
   searcher = Searcher(config, workdir, bits)
   query_images = searcher.load_files(list(queries))
   codes = searcher.encode_loaded(list(queries), query_images)
@@ -169,17 +226,25 @@ def search_command(config, workdir: str, queries: list[str], k: int = 10,
       rows.append({"rank": rank, "distance": int(d), "item": int(i), "label": label,
                    "class_name": name, "path": item_path})
     results.append({"query": path, "results": rows})
-  grid = _plot_grid(searcher, queries, query_images, results)
+  grid = _plot_grid(searcher, queries, query_images, results, out_dir)
   echo(f"grid of queries and results: {grid}")
   return {"bits": searcher.bits, "queries": results, "grid": grid}
 
 
-def _plot_grid(searcher: Searcher, queries, query_images, results) -> str:
+def _check_out_dir(out_dir: str) -> None:
+  if not os.path.isdir(out_dir):
+    raise FileNotFoundError(f"output folder {out_dir} does not exist; create it or pass "
+                            "--out with an existing folder.")
+  if not os.access(out_dir, os.W_OK):
+    raise PermissionError(f"output folder {out_dir} is not writable; pass --out with a "
+                          "folder you can write to.")
+
+
+def _plot_grid(searcher: Searcher, queries, query_images, results, out_dir: str) -> str:
   from fgir_jax.train import report_plots  # pylint: disable=g-import-not-at-top  (matplotlib)
   rows = [[searcher.database_image(r["item"]) for r in q["results"]] for q in results]
   titles = [[f"d={r['distance']} {r['class_name']}"[:18] for r in q["results"]] for q in results]
-  path = searcher.run.wd.file("search", "results.png")
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+  path = os.path.join(out_dir, "search_results.png")
   report_plots.image_grid(query_images, [os.path.basename(p)[:18] for p in queries], rows,
                           titles, path)
   return path
@@ -196,15 +261,27 @@ def index_command(config, workdir: str, folder: str | None, bits: int | None = N
   if not paths:
     raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); nothing to add.")
   searcher = Searcher(config, workdir, bits)
+  target = index_path(searcher.run.wd, searcher.bits)
+  if not os.access(os.path.dirname(target), os.W_OK):
+    raise PermissionError(f"{os.path.dirname(target)} is not writable; --mode index adds to the "
+                          "run's index, so it needs a run you may write to.")
+  known = set(p for p in searcher.index.paths if p)
+  fresh = [i for i, p in enumerate(paths) if os.path.abspath(p) not in known]
+  skipped = len(paths) - len(fresh)
+  if not fresh:
+    echo(f"all {len(paths)} images are already in the {searcher.bits}-bit index; nothing added.")
+    return {"added": 0, "skipped": skipped, "size": len(searcher.index)}
+  paths, classes = [paths[i] for i in fresh], [classes[i] for i in fresh]
   names = list(searcher.index.class_names or [])
   # Sub-folders named like a trained class take its label; other images get -1 (unknown).
   labels = np.array([names.index(c) if c in names else -1 for c in classes], np.int64)
   codes = searcher.encode_files(paths)
   searcher.index.add(codes, labels=labels, paths=[os.path.abspath(p) for p in paths])
-  searcher.index.save(index_path(searcher.run.wd, searcher.bits))
+  searcher.index.save(target)  # the index files only, written atomically
   echo(f"added {len(paths)} images to the {searcher.bits}-bit index "
-       f"({len(searcher.index)} images now; {int((labels < 0).sum())} without a known class)")
-  return {"added": len(paths), "size": len(searcher.index)}
+       f"({len(searcher.index)} images now; {int((labels < 0).sum())} without a known class"
+       + (f"; {skipped} already there, skipped" if skipped else "") + ")")
+  return {"added": len(paths), "skipped": skipped, "size": len(searcher.index)}
 
 
 def _folder_images(folder: str) -> tuple[list[str], list[str]]:

@@ -1,0 +1,304 @@
+"""The run directory: stages rerun only when their inputs change, reruns lose nothing,
+read-only commands write nothing, bad input leaves no trace, and the advice in messages works."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from fgir_jax.train import pipeline
+from fgir_jax.train import search
+from fgir_jax.train.checkpoints import StageCheckpoints
+
+from test_pipeline import REPO, tiny_config
+from test_search import _tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  """A finished tiny run (8 and 12 bits), copied afresh for each test that changes it."""
+  config, workdir = tiny_config(), str(tmp_path_factory.mktemp("rundir") / "run")
+  pipeline.run(config, workdir, echo=lambda _: None, command="python launch.py TINY")
+  return workdir
+
+
+@pytest.fixture()
+def run_copy(finished, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(finished, workdir)
+  return tiny_config(), workdir
+
+
+def snapshot(workdir, skip=()):
+  """{relative path: (size, mtime)} of every file under workdir."""
+  out = {}
+  for root, _, files in os.walk(workdir):
+    for name in files:
+      path = os.path.join(root, name)
+      rel = os.path.relpath(path, workdir)
+      if not rel.startswith(skip):
+        st = os.stat(path)
+        out[rel] = (st.st_size, st.st_mtime_ns)
+  return out
+
+
+def _lines(config, workdir, **kw):
+  lines = []
+  pipeline.run(config, workdir, echo=lines.append, **kw)
+  return lines
+
+
+def test_a_stage2_setting_reruns_stage2_only_and_says_why(run_copy):
+  config, workdir = run_copy
+  stage1_before = snapshot(os.path.join(workdir, "ckpt", "stage1"))
+  config.stage2.beta = 0.25
+  lines = _lines(config, workdir)
+  assert "stage2_8: stage2.beta 0.5 -> 0.25; reruns stage2_8, evaluate, report (the finished " \
+         "results stay until the new ones are complete)" in lines
+  assert not any(line.startswith(("stage1:", "== stage1", "== saliency")) for line in lines)
+  assert "== stage2_12" in lines
+  assert snapshot(os.path.join(workdir, "ckpt", "stage1")) == stage1_before
+  with open(os.path.join(workdir, "stages", "stage2_8.json")) as f:
+    assert json.load(f)["inputs"]["stage2.beta"] == 0.25
+  assert not os.path.exists(os.path.join(workdir, ".staging", "stage2_8"))
+
+
+def test_adding_a_code_length_trains_only_that_hash_layer(run_copy):
+  config, workdir = run_copy
+  hash8 = snapshot(os.path.join(workdir, "stage2"))["hash_8.npz"]
+  config.stage2.bits = "8,12,16"
+  lines = _lines(config, workdir)
+  ran = [line[3:] for line in lines if line.startswith("== ")]
+  assert ran == ["stage2_16", "evaluate", "report"]
+  assert snapshot(os.path.join(workdir, "stage2"))["hash_8.npz"] == hash8
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert set(json.load(f)["map"]) == {"8", "12", "16"}
+
+
+def test_a_saliency_setting_reruns_everything_after_it(run_copy):
+  config, workdir = run_copy
+  config.saliency.alpha = 0.3
+  lines = _lines(config, workdir)
+  assert ("saliency: saliency.alpha 0.5 -> 0.3; reruns saliency, stage1, stage2_8, stage2_12, "
+          "evaluate, report (the finished results stay until the new ones are complete)") in lines
+
+
+def test_rerun_switch_replaces_the_named_stage_and_what_depends_on_it(run_copy):
+  config, workdir = run_copy
+  config.rerun = "stage2"
+  lines = _lines(config, workdir)
+  ran = [line[3:] for line in lines if line.startswith("== ")]
+  assert ran == ["stage2_8", "stage2_12", "evaluate", "report"]
+  assert any(line.startswith("stage2_8: rerun requested (--config.rerun)") for line in lines)
+  config.rerun = "stage9"
+  with pytest.raises(ValueError, match="--config.rerun names 'stage9'.*choose from stage2, data"):
+    pipeline.run(config, workdir, echo=lambda _: None)
+
+
+def test_a_kill_during_a_rerun_loses_nothing_and_search_still_works(run_copy):
+  config, workdir = run_copy
+  before = snapshot(workdir, skip=("metrics.jsonl", ".staging"))
+  config.stage1.learning_rate = 0.01
+
+  def stop_in_stage1(line):
+    if line.startswith("stage1: epoch 1/"):
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    pipeline.run(config, workdir, echo=stop_in_stage1)
+  # The finished run is untouched, config.json included, and can still be searched.
+  assert snapshot(workdir, skip=("metrics.jsonl", ".staging")) == before
+  searcher = search.Searcher(config, workdir)
+  assert len(searcher.index) == 24
+  # The same command resumes the rerun and then replaces the results.
+  lines = _lines(config, workdir)
+  assert "== stage1 (resuming)" in lines and "stage1: resuming after epoch 1" in lines
+  with open(os.path.join(workdir, "stages", "stage1.json")) as f:
+    assert json.load(f)["inputs"]["stage1.learning_rate"] == 0.01
+  assert not os.path.exists(os.path.join(workdir, ".staging"))
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["stage1"]["learning_rate"] == 0.01
+
+
+def test_search_writes_nothing_into_the_run_and_uses_its_own_settings(run_copy, tmp_path):
+  config, workdir = run_copy
+  from test_search import _write_queries  # pylint: disable=g-import-not-at-top
+  queries, _, _ = _write_queries(config, str(tmp_path / "q"), [0])
+  before = snapshot(workdir)
+  other = tiny_config()
+  other.stage2.beta = 0.3  # the command line's settings differ: the run's own are used
+  out = search.search_command(other, workdir, queries, k=3, echo=lambda _: None,
+                              out_dir=str(tmp_path))
+  assert snapshot(workdir) == before
+  assert out["grid"] == str(tmp_path / "search_results.png") and os.path.exists(out["grid"])
+  with pytest.raises(FileNotFoundError, match="output folder .* does not exist"):
+    search.search_command(config, workdir, queries, out_dir=str(tmp_path / "nowhere"))
+
+
+def test_index_adds_an_image_once_and_writes_only_the_index(run_copy, tmp_path):
+  config, workdir = run_copy
+  from test_search import _write_queries  # pylint: disable=g-import-not-at-top
+  folder = tmp_path / "more"
+  _write_queries(config, str(folder), [0, 1])
+  before = snapshot(workdir, skip=("index",))
+  lines = []
+  first = search.index_command(config, workdir, str(folder), echo=lines.append)
+  second = search.index_command(config, workdir, str(folder), echo=lines.append)
+  assert first["added"] == 2 and second["added"] == 0 and second["skipped"] == 2
+  assert "already in the 12-bit index; nothing added" in lines[-1]
+  assert snapshot(workdir, skip=("index",)) == before
+
+
+def test_search_of_an_unfinished_run_names_the_command_that_finishes_it(tmp_path):
+  config, workdir = tiny_config(), str(tmp_path / "run")
+  config.stages = "data,saliency"
+  pipeline.run(config, workdir, echo=lambda _: None, command="python launch.py TINY")
+  with pytest.raises(ValueError, match=r"stage\(s\) stage1, stage2_8, stage2_12, evaluate not "
+                                       r"finished\); finish training first: python launch.py TINY"):
+    search.Searcher(config, workdir)
+  # Following the advice (the same command with every stage) makes the run searchable.
+  config.stages = tiny_config().stages
+  pipeline.run(config, workdir, echo=lambda _: None)
+  assert len(search.Searcher(config, workdir).index) == 24
+
+
+def test_a_query_folder_is_named_as_a_folder(run_copy, tmp_path):
+  config, workdir = run_copy
+  with pytest.raises(ValueError, match=r"is a folder, not an image.*--mode index --images FOLDER"):
+    search.search_command(config, workdir, [str(tmp_path)])
+
+
+def test_a_failed_start_leaves_no_trace_and_the_corrected_command_runs(tmp_path, monkeypatch):
+  config, workdir = tiny_config(), tmp_path / "run"
+  config.data.source = "cub"
+  config.data.root = str(tmp_path / "typo")
+  with pytest.raises(ValueError, match=r"typo.*leave --config.data.root unset"):
+    pipeline.run(config, str(workdir), echo=lambda _: None)
+  assert not workdir.exists()
+  # Following the tensorflow-datasets advice gets further: now it names what to install.
+  monkeypatch.setitem(sys.modules, "tensorflow", None)
+  config.data.root = None
+  with pytest.raises(ImportError, match=r"pip install -e '\.\[tfds\]'"):
+    pipeline.run(config, str(workdir), echo=lambda _: None)
+  assert not workdir.exists()
+  # And the corrected folder runs in the same directory.
+  config.data.source = "folder"
+  config.data.root = str(_image_folder(tmp_path / "birds", {"a": 3, "b": 3}))
+  config.data.folder_test_fraction = 0.34
+  config.stages = "data"
+  pipeline.run(config, str(workdir), echo=lambda _: None)
+  assert os.path.exists(workdir / "stages" / "data.json")
+
+
+def test_degenerate_data_is_named(tmp_path):
+  config = tiny_config()
+  config.data.source = "folder"
+  config.stages = "data"
+  config.data.folder_test_fraction = 0.34
+  config.data.root = str(_image_folder(tmp_path / "one", {"a": 4}))
+  with pytest.raises(ValueError, match="the training split has 1 class; .*at least two"):
+    pipeline.run(config, str(tmp_path / "w1"), echo=lambda _: None)
+  assert not (tmp_path / "w1").exists()
+  config.data.root = str(_image_folder(tmp_path / "single", {"a": 3, "b": 3, "c": 2}))
+  lines = []
+  pipeline.run(config, str(tmp_path / "w2"), echo=lines.append)
+  assert "warning: 1 class(es) have a single training image" in lines[0]
+
+
+def test_a_killed_checkpoint_save_is_removed_with_one_line(tmp_path):
+  directory = tmp_path / "ckpt"
+  (directory / "3.orbax-checkpoint-tmp-1234").mkdir(parents=True)
+  lines = []
+  with StageCheckpoints(str(directory), echo=lines.append):
+    pass
+  assert lines == [f"removed the unfinished checkpoint of epoch 3 in {directory} (the run was "
+                   "stopped while saving it)"]
+  assert not (directory / "3.orbax-checkpoint-tmp-1234").exists()
+
+
+def test_ablation_on_a_finished_run_takes_it_over(run_copy):
+  from fgir_jax.train import ablation  # pylint: disable=g-import-not-at-top
+  config, workdir = run_copy
+  lines = []
+  ablation.run_ablation(config, workdir, "full", echo=lines.append)
+  assert "stage1: reused from" in "\n".join(lines)
+  assert not any(line.startswith(("stage1: epoch", "stage2_8: epoch")) for line in lines)
+
+
+def test_sigterm_stops_like_ctrl_c_and_the_same_command_resumes(tmp_path):
+  workdir = str(tmp_path / "run")
+  cmd = [sys.executable, os.path.join(REPO, "launch.py"), "--config",
+         os.path.join(REPO, "configs", "demo.py") + ":scratch", "--workdir", workdir]
+  cmd += _tiny_overrides() + ["--config.stage1.epochs=6"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+  deadline = time.time() + 240
+  for line in proc.stdout:
+    if line.startswith("stage1: epoch 2/6") or time.time() > deadline:
+      break
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130
+  assert "interrupted: run the same command again to resume" in err
+  done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "stage1: resuming after epoch" in done.stdout
+  assert not any(line.startswith("stage1: epoch 1/6") for line in done.stdout.splitlines())
+  assert "mAP:" in done.stdout
+
+
+def _image_folder(root, counts):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for name, count in counts.items():
+    os.makedirs(root / name, exist_ok=True)
+    for i in range(count):
+      Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
+          root / name / f"{i}.png")
+  return root
+
+
+def test_the_advice_of_search_errors_works(run_copy, tmp_path):
+  """Each fix a search message suggests, followed as written, gets the next command further."""
+  import re  # pylint: disable=g-import-not-at-top
+  config, workdir = run_copy
+  from test_search import _write_queries  # pylint: disable=g-import-not-at-top
+  queries, _, _ = _write_queries(config, str(tmp_path / "q"), [0, 1])
+  # --bits that was not trained: "pass --bits with one of those".
+  with pytest.raises(ValueError, match=r"it has 8, 12-bit codes: pass --bits") as info:
+    search.search_command(config, workdir, queries, bits=32, out_dir=str(tmp_path))
+  bits = int(re.search(r"it has (\d+)", str(info.value)).group(1))
+  assert search.search_command(config, workdir, queries, bits=bits, out_dir=str(tmp_path),
+                               echo=lambda _: None)["bits"] == bits
+  # A folder as a query: "--mode index --images FOLDER" takes it.
+  with pytest.raises(ValueError, match=r"--mode index --images FOLDER"):
+    search.search_command(config, workdir, [str(tmp_path / "q")], out_dir=str(tmp_path))
+  assert search.index_command(config, workdir, str(tmp_path / "q"), echo=lambda _: None)["added"] == 2
+  # A lost index: the command it gives writes it again.
+  shutil.rmtree(os.path.join(workdir, "index"))
+  with pytest.raises(ValueError, match=r"write it again with: python launch.py TINY "
+                                       r"--config.rerun=evaluate$") as info:
+    search.Searcher(config, workdir)
+  config.rerun = "evaluate"
+  pipeline.run(config, workdir, echo=lambda _: None)
+  assert len(search.Searcher(config, workdir).index) == 24
+
+
+def test_a_partial_command_leaves_a_run_search_calls_unfinished_until_completed(run_copy):
+  config, workdir = run_copy
+  config.saliency.alpha = 0.3
+  config.stages = "data,saliency"  # only the first stages of the new settings
+  pipeline.run(config, workdir, echo=lambda _: None)
+  with pytest.raises(ValueError, match=r"being retrained with new settings \(stage1, stage2_8, "
+                                       r"stage2_12, evaluate not finished\); finish it first: "
+                                       r"python launch.py TINY"):
+    search.Searcher(config, workdir)
+  config.stages = tiny_config().stages  # the command it names: every stage
+  pipeline.run(config, workdir, echo=lambda _: None)
+  assert len(search.Searcher(config, workdir).index) == 24
