@@ -19,7 +19,8 @@ tracing + XLA compile + one run, is reported apart and left out of ratios):
             n * P * N triplets (~1e9 at CUB size, ~25 GB), so it runs on the
             first --tmm-n points only, beside fgir_jax on the same subset.
 PML's LpDistance re-normalises the embeddings (its default); that is part of
-its time. torch uses --threads threads (default: all cores).
+its time. torch runs at each of --threads (default 1 and 2 threads) and the
+faster counts.
 
 --large adds 100,000 x 64 (1,000 classes) through
 hard_triplets_from_embeddings in a fresh process that imports no torch, and
@@ -53,7 +54,9 @@ def parse_args(argv=None):
   p.add_argument("--beta", type=float, default=0.5)
   p.add_argument("--neg-factor", type=float, default=0.1)
   p.add_argument("--repeats", type=int, default=7)
-  p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
+  p.add_argument("--threads", default="1,2",
+                 type=lambda text: [int(t) for t in text.split(",")],
+                 help="torch thread counts tried; the faster is the baseline")
   p.add_argument("--no-normalize", action="store_true", help="keep embeddings unnormalised")
   p.add_argument("--tmm-n", type=int, default=1000,
                  help="points for TripletMarginMiner, which enumerates every triplet")
@@ -154,7 +157,6 @@ def pml_rows(emb_np, labels, args, suffix="", which=("batch_hard",)):
   import torch
   from pytorch_metric_learning import miners
 
-  torch.set_num_threads(args.threads)
   emb, lab = torch.from_numpy(emb_np), torch.from_numpy(labels)
   made = {"batch_hard": ("BatchHardMiner", miners.BatchHardMiner()),
           "tmm": ('TripletMarginMiner("hard")',
@@ -162,8 +164,16 @@ def pml_rows(emb_np, labels, args, suffix="", which=("batch_hard",)):
   rows = []
   for name in which:
     title, miner = made[name]
-    with torch.no_grad():
-      rows.append(("PML", title + suffix, timed(lambda i: miner(emb, lab), args.repeats)))
+    # torch's thread pool can stall on a shared machine: the faster thread count counts.
+    best = None
+    for threads in args.threads:
+      torch.set_num_threads(threads)
+      with torch.no_grad():
+        result = timed(lambda i: miner(emb, lab), args.repeats)
+      if best is None or result[1] < best[1][1]:
+        best = (threads, result)
+    threads, result = best
+    rows.append(("PML", f"{title}{suffix} ({threads} thread{'s' * (threads > 1)})", result))
   return rows
 
 
@@ -224,7 +234,7 @@ def main(argv=None):
         f"beta={args.beta} neg_factor={args.neg_factor} "
         f"{'raw' if args.no_normalize else 'L2-normalised'} float32 embeddings")
   print(f"# jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} cores, "
-        f"torch threads {args.threads}, load average {os.getloadavg()[0]:.2f}")
+        f"torch threads tried {args.threads}, load average {os.getloadavg()[0]:.2f}")
   emb, labels = make_inputs(args.n, args.dim, args.classes, not args.no_normalize, args.seed)
   rows = fgir_rows(emb, labels, args)
   if not args.skip_torch:
@@ -233,8 +243,10 @@ def main(argv=None):
                          "median excludes it)", rows)
   if baseline:
     ours = next(r[2][1] for r in rows if r[1] == "hard_triplets incl. distances")
-    print(f"\nfgir_jax hard_triplets (distances included) vs PML BatchHardMiner: "
-          f"{baseline / ours:.1f}x faster (compile excluded)")
+    in_jit = next(r[2][1] for r in rows if "user's jit" in r[1])
+    print(f"\nvs PML BatchHardMiner (compile excluded): the call in a user's jit "
+          f"{baseline / in_jit:.1f}x faster; hard_triplets outside jit (concrete labels, "
+          f"distances included) {baseline / ours:.1f}x faster")
     small = min(args.tmm_n, args.n)
     sub = fgir_rows(emb[:small], labels[:small], args, suffix=f" (first {small})")
     sub += pml_rows(emb[:small], labels[:small], args, suffix=f" (first {small})",

@@ -37,6 +37,9 @@ def parse_args(argv=None):
   p.add_argument("--classes", type=int, default=200)
   p.add_argument("--width", type=float, default=1.0, help="channel multiplier (0.125: tiny)")
   p.add_argument("--no-enhance", action="store_true", help="plain ResNet18, no Inception-ResNet-C")
+  p.add_argument("--backbone", default="resnet18", choices=("resnet18", "efficientnet_lite0"),
+                 help="efficientnet_lite0: the PyTorch side is efficientnet-lite-pytorch's "
+                 "EfficientNet-Lite0, so this implies --no-enhance")
   p.add_argument("--frameworks", default="jax,torch")
   p.add_argument("--threads", type=int, default=os.cpu_count())
   p.add_argument("--bf16", action="store_true", help="bfloat16 compute (JAX dtype, torch AMP)")
@@ -46,6 +49,8 @@ def parse_args(argv=None):
   args = p.parse_args(argv)
   if args.gpu:
     args.bf16 = args.channels_last = True
+  if args.backbone == "efficientnet_lite0":
+    args.no_enhance = True  # the reference EfficientNet-Lite0 has no enhancement block
   sizes = args.sizes or ("299" if args.gpu else "112,224")
   args.sizes = [int(s) for s in sizes.split(",")]
   args.frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
@@ -68,7 +73,8 @@ def bench_jax(args, size):
   if args.gpu and jax.default_backend() != "gpu":
     raise SystemExit("--gpu: JAX sees no GPU (backend %r); install jax[cuda12]." % jax.default_backend())
   net = models.RetrievalNet(num_classes=args.classes, enhance=not args.no_enhance,
-                            width=args.width, dtype=jnp.bfloat16 if args.bf16 else jnp.float32)
+                            width=args.width, backbone=args.backbone,
+                            dtype=jnp.bfloat16 if args.bf16 else jnp.float32)
   tx = optax.sgd(0.01, momentum=0.9)
   # rbg keys: XLA compiles threefry initialisers of a whole ResNet slowly on CPU,
   # and the weights' values do not matter for timing.
@@ -164,7 +170,14 @@ def bench_torch(args, size):
     raise SystemExit("--gpu: torch.cuda.is_available() is False.")
   memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
   torch.manual_seed(0)
-  model = torch_model(args).to(device, memory_format=memory_format).train()
+  if args.backbone == "efficientnet_lite0":
+    # The reference implementation, whose logits tests/test_efficientnet.py matches.
+    import efficientnet_lite_pytorch
+    model = efficientnet_lite_pytorch.EfficientNet.from_name("efficientnet-lite0",
+                                                             num_classes=args.classes)
+  else:
+    model = torch_model(args)
+  model = model.to(device, memory_format=memory_format).train()
   opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
   images = torch.randn(args.batch, 3, size, size, device=device).to(memory_format=memory_format)
   labels = torch.randint(0, args.classes, (args.batch,), device=device)
@@ -193,14 +206,16 @@ def main(argv=None):
   args = parse_args(argv)
   import jax
   dtype = "bfloat16" if args.bf16 else "float32"
-  print(f"ResNet18{'' if args.no_enhance else '-I'} stage-1 train step, width {args.width}, "
+  name = "EfficientNet-Lite0" if args.backbone == "efficientnet_lite0" else "ResNet18"
+  print(f"{name}{'' if args.no_enhance else '-I'} stage-1 train step, width {args.width}, "
         f"batch {args.batch}, {args.classes} classes, {dtype}, {args.steps} timed steps; "
         f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {os.cpu_count()} cores, "
         f"torch threads {args.threads}")
   print(f"{'size':>5} {'jax img/s':>10} {'torch img/s':>12} {'jax/torch':>10} {'jax compile s':>14}")
   rows = []
   for size in args.sizes:
-    row = {"size": size, "batch": args.batch, "dtype": dtype, "width": args.width}
+    row = {"size": size, "batch": args.batch, "dtype": dtype, "width": args.width,
+           "backbone": args.backbone, "enhance": not args.no_enhance}
     if "jax" in args.frameworks:
       row["jax_images_per_s"], row["jax_compile_s"] = bench_jax(args, size)
     if "torch" in args.frameworks:

@@ -8,6 +8,11 @@
   call, as a constant) or a value the caller passes (fixed, or a moving
   average kept by the training loop).
 * `triplet_stats`: mean d_AP, mean d_AN and their gap, for logging (Fig. 5).
+* `triplet_loss_from_embeddings`, `adaptive_triplet_loss_from_embeddings`: the
+  same losses with d_AP and d_AN computed straight from the embeddings of each
+  triplet. A train step that mines on `stop_gradient` distances and takes its
+  gradient through these never differentiates an (n, n) matrix: O(t * d)
+  instead of two (n, n, d) matrix products in the backward pass.
 
 The losses take a distance matrix and (t, 3) index triplets (anchor, positive,
 negative), as `mining.hard_triplets` returns them, and average over the valid
@@ -159,16 +164,51 @@ def triplet_stats(dist, triplets, valid=None) -> dict[str, jax.Array]:
   return _triplet_stats(dist, triplets, valid)
 
 
+def triplet_loss_from_embeddings(embeddings, triplets, margin=0.2, valid=None,
+                                 metric: str = "euclidean") -> jax.Array:
+  """`triplet_loss(pairwise_distances(embeddings, metric=metric), ...)`, without the matrix.
+
+  embeddings: (n, d) floats the triplets index; the rest as in `triplet_loss`.
+  Each triplet's two distances are computed from its rows directly, which is
+  also more exact than the matrix's |a|^2 + |b|^2 - 2 a.b expansion (the two
+  agree to that expansion's rounding).
+  """
+  embeddings, triplets, valid = _check_embedding_args(embeddings, triplets, valid, metric)
+  margin = _check_margin(margin, allow_none=False)
+  return _triplet_loss_from_pairs(*_direct_pairs(embeddings, triplets, metric), valid, margin)
+
+
+def adaptive_triplet_loss_from_embeddings(embeddings, triplets, margin=None, valid=None,
+                                          metric: str = "euclidean") -> jax.Array:
+  """`adaptive_triplet_loss(pairwise_distances(embeddings, metric=metric), ...)`, without the matrix.
+
+  embeddings: (n, d) floats the triplets index; margin and valid as in
+  `adaptive_triplet_loss` (margin None: Eq. 3 over this call's triplets).
+  See `triplet_loss_from_embeddings` for why and how the distances differ.
+  """
+  embeddings, triplets, valid = _check_embedding_args(embeddings, triplets, valid, metric)
+  margin = _check_margin(margin, allow_none=True)
+  return _adaptive_loss_from_pairs(*_direct_pairs(embeddings, triplets, metric), valid, margin)
+
+
 @jax.jit
 def _triplet_loss(dist, triplets, valid, margin):
-  d_ap, d_an = _gather_pairs(dist, triplets)
+  return _triplet_loss_from_pairs(*_gather_pairs(dist, triplets), valid, margin)
+
+
+@jax.jit
+def _adaptive_triplet_loss(dist, triplets, valid, margin):
+  return _adaptive_loss_from_pairs(*_gather_pairs(dist, triplets), valid, margin)
+
+
+@jax.jit
+def _triplet_loss_from_pairs(d_ap, d_an, valid, margin):
   per = jax.vmap(lambda ap, an: jnp.maximum(ap - an + margin, 0.0))(d_ap, d_an)
   return _valid_mean(per, valid)
 
 
 @jax.jit
-def _adaptive_triplet_loss(dist, triplets, valid, margin):
-  d_ap, d_an = _gather_pairs(dist, triplets)
+def _adaptive_loss_from_pairs(d_ap, d_an, valid, margin):
   if margin is None:
     margin = _valid_mean(d_an - d_ap, valid)  # Eq. 3
   margin = jax.lax.stop_gradient(margin)
@@ -191,6 +231,26 @@ def _gather_pairs(dist, triplets):
   return pair(triplets)
 
 
+@functools.partial(jax.jit, static_argnames="metric")
+def _direct_pairs(embeddings, triplets, metric):
+  """d_AP and d_AN, (t,) each, from the triplets' own rows (no (n, n) matrix)."""
+  if metric == "cosine":  # unit rows, as `pairwise_distances` makes them
+    embeddings, _ = _prepare(embeddings, metric, center=None)
+  anchor, positive, negative = (embeddings[triplets[:, i]] for i in range(3))
+  return _row_distance(anchor, positive, metric), _row_distance(anchor, negative, metric)
+
+
+def _row_distance(a, b, metric):
+  if metric == "cosine":
+    return jnp.clip(1.0 - jnp.sum(a * b, axis=-1), 0.0, 2.0)
+  sq = jnp.sum(jnp.square(a - b), axis=-1)
+  if metric == "sqeuclidean":
+    return sq
+  # Double where: the gradient at a zero distance is 0, not NaN.
+  positive = sq > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+
+
 def _valid_mean(x, valid):
   total = jnp.sum(jnp.where(valid, x, 0.0))
   return total / jnp.maximum(jnp.sum(valid), 1).astype(x.dtype)
@@ -203,6 +263,22 @@ def _check_triplet_args(dist, triplets, valid):
   shape = _validate.check_ndim(dist, 2, "dist", "a 2-d (n, n) distance matrix")
   if shape[0] != shape[1]:
     raise ValueError(f"dist must be a square (n, n) distance matrix, got shape {shape}.")
+  triplets, valid = _check_triplets(shape[0], triplets, valid, "rows of dist")
+  dist = jnp.asarray(dist)
+  if not jnp.issubdtype(dist.dtype, jnp.floating):
+    dist = dist.astype(jnp.float32)
+  return dist, triplets, valid
+
+
+def _check_embedding_args(embeddings, triplets, valid, metric):
+  shape = _validate.check_ndim(embeddings, 2, "embeddings", "a 2-d (n, d) array of embeddings")
+  _validate.check_choice(metric, METRICS, "metric")
+  triplets, valid = _check_triplets(shape[0], triplets, valid, "rows of embeddings")
+  return _as_float(embeddings), triplets, valid
+
+
+def _check_triplets(n, triplets, valid, what):
+  """(triplets, valid) checked against n points; `what` names what they index."""
   t_shape = _validate.check_ndim(triplets, 2, "triplets", "a (t, 3) array of index triplets")
   if t_shape[1] != 3:
     raise ValueError(
@@ -211,12 +287,11 @@ def _check_triplet_args(dist, triplets, valid):
     raise ValueError(
         f"triplets must hold integer indices, got dtype {_dtype(triplets)}; "
         "cast with triplets.astype(int).")
-  n = shape[0]
   if _validate.is_concrete(triplets) and t_shape[0] and n:
     values = np.asarray(triplets)
     if values.min() < 0 or values.max() >= n:
       raise ValueError(
-          f"triplets must index rows of dist in [0, {n}); give padded rows an in-range "
+          f"triplets must index {what} in [0, {n}); give padded rows an in-range "
           "index (e.g. the anchor) and mark them invalid.")
   if valid is None:
     valid = jnp.ones((t_shape[0],), bool)
@@ -226,10 +301,7 @@ def _check_triplet_args(dist, triplets, valid):
       raise ValueError(
           f"valid must have shape ({t_shape[0]},), one flag per triplet, got {v_shape}.")
     valid = jnp.asarray(valid).astype(bool)
-  dist = jnp.asarray(dist)
-  if not jnp.issubdtype(dist.dtype, jnp.floating):
-    dist = dist.astype(jnp.float32)
-  return dist, jnp.asarray(triplets), valid
+  return jnp.asarray(triplets), valid
 
 
 def _check_margin(margin, allow_none):

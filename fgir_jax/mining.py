@@ -23,14 +23,18 @@ from a normal fit of the row (mean and std of ~512 sampled columns), the next
 ones from Newton and then Illinois false-position steps on the normal-quantile
 scale of the counts: ~4 passes on a typical row, ~7-9 for the slowest row of a
 block; after `_INTERP_STEPS` steps, bisection on the float's bit pattern bounds
-the work. Counts are plain float arithmetic (`_count_at_most`), which XLA:CPU
-fuses into one vectorised reduction, and blocks of 8-64 anchors are sized to
-stay in cache (`_sub_block`). Positives need no scan of the row when labels
-are concrete: a class table (static width = largest class) gathers each
-anchor's own class and `lax.top_k` with the static k_p = max w_p (~14 on CUB)
-ranks it. With traced labels (inside a user's jit) the positives go through
-the same counting selection over the full row instead: same answer, ~3x the
-time at CUB size.
+the work. Counts are float32 sums of 0/1 compares (`_count_at_most`), which
+XLA:CPU vectorises (about 3x faster than the float-arithmetic form this code
+used before, on jax 0.10), and blocks of 8-256 anchors are sized to stay in
+cache (`_sub_block`). Positives need no scan of the row: a class table gathers
+each anchor's own class and `lax.top_k` with a static k_p >= max w_p (~14 on
+CUB) ranks it. With concrete labels the table is built on the host at the
+width of the largest class. With traced labels (inside a user's jit) it is
+built in the graph by one stable argsort, at the narrowest of a few static
+widths that holds the largest class, picked at run time by `lax.switch`
+(`_TRACED_WIDTHS`); classes wider than all of them count over the whole row.
+Every path gives the same triplets, and a user's jit runs at the speed of
+concrete labels.
 
 `hard_triplets_from_embeddings` never builds the n x n matrix: anchors go in
 blocks through a `lax.fori_loop`, each block computing its (block, n) distances
@@ -42,6 +46,7 @@ triplets equal those of `hard_triplets` on the full matrix.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import numpy as np
 import jax
@@ -63,6 +68,14 @@ _CACHE_BYTES = 1 << 20
 # False-position steps before the selection falls back to bisection; rows
 # rarely need more than 10 (measured on random and clustered embeddings).
 _INTERP_STEPS = 16
+
+
+# Static class-table widths tried with traced labels (the largest class picks
+# one at run time); past the last, positives are counted over the whole row.
+_TRACED_WIDTHS = (8, 16, 32, 64, 512)
+
+# Widest positive window ranked by lax.top_k; wider ones by counting.
+_TOP_K_LIMIT = 64
 
 
 # ----------------------------------------------------------------------------
@@ -171,7 +184,11 @@ def _plan(labels, n, beta, neg_factor):
   wp_table = np.maximum(1, np.floor(counts * beta)).astype(np.int32)
   wn_table = np.maximum(1, np.floor(counts * beta * neg_factor)).astype(np.int32)
   if not _validate.is_concrete(labels):
-    return (_validate.as_int_labels(labels), None, None, None, wp_table, wn_table), None
+    # The class sizes are unknown until run time: `_mine` builds the class
+    # table in the graph and picks one of these static widths for it.
+    widths = tuple(w for w in _TRACED_WIDTHS if w < n)
+    return ((_validate.as_int_labels(labels), None, None, None, wp_table, wn_table),
+            tuple((w, int(wp_table[w - 1])) for w in widths))
   _, cls, sizes = np.unique(np.asarray(labels), return_inverse=True, return_counts=True)
   cls = cls.reshape(-1).astype(np.int32)
   n_pos = (sizes[cls] - 1).astype(np.int32)
@@ -188,8 +205,11 @@ def _plan(labels, n, beta, neg_factor):
 # The jitted miner.
 # ----------------------------------------------------------------------------
 def _sub_block(n):
-  """Anchors per selection block: a power of two in [8, 64], at most n."""
-  rows = 1 << max(3, min(6, (_CACHE_BYTES // (4 * n)).bit_length() - 1))
+  """Anchors per selection block: a power of two in [8, 256], at most n.
+
+  Fewer, larger blocks pay the per-step overhead of the selection loop less
+  often, which dominates below ~2,000 points (n = 256: 0.84 -> 0.76 ms)."""
+  rows = 1 << max(3, min(8, (_CACHE_BYTES // (4 * n)).bit_length() - 1))
   return min(rows, n)
 
 
@@ -198,10 +218,8 @@ def _mine(key, source, cls, n_pos, n_neg, table, wp_table, wn_table, *, k_pos, b
           metric, mesh=None):
   """source: (n, n) distances (metric None) or (n, d) embeddings (metric str)."""
   n = source.shape[0]
-  if n_pos is None:  # traced labels: count class sizes by sorting
-    ordered = jnp.sort(cls)
-    size = (jnp.searchsorted(ordered, cls, side="right")
-            - jnp.searchsorted(ordered, cls, side="left")).astype(jnp.int32)
+  if n_pos is None:  # traced labels: the class table is built here
+    table, size = _traced_table(cls, k_pos)
     n_pos, n_neg = size - 1, n - size
   # Every anchor's ranks come from one draw, whatever the devices: sharding
   # cannot change the triplets.
@@ -292,24 +310,83 @@ def _mine_rows(first, count, source, cls, table, positives, negatives, *, k_pos,
 def _select_block(d, anchors, cls_rows, cls, table, positives, negatives, k_pos):
   """Positive and negative index for each row of d, (b, n) distances of `anchors`.
 
-  positives, negatives: (rank, count) pairs, (b,) each; table: the class
-  member table or None (traced labels).
+  positives, negatives: (rank, count) pairs, (b,) each; table: the
+  (classes, largest class) member table (concrete labels) or a TracedTable.
   """
   other = cls_rows[:, None] != cls[None, :]
   neg = _select_rank(d, other, *negatives)
-  if table is None:
-    own = ~other & (anchors[:, None] != jnp.arange(d.shape[1])[None, :])
-    return _select_rank(-_canonical(d), own, *positives), neg
-  # Only the anchor's own class, gathered through the class table; the window
-  # is small, so top_k (ties: lower column first, i.e. lower index first).
-  members = table[cls_rows]  # (b, largest class), -1 padded, ascending
+  if isinstance(table, TracedTable):
+    return _traced_positives(d, anchors, other, table, positives, k_pos), neg
+  return _farthest_member(d, table[cls_rows], anchors, positives, k_pos), neg
+
+
+def _farthest_member(d, members, anchors, positives, k_pos):
+  """The positive of each row among `members`, (b, w) ascending ids, -1 padded.
+
+  Only the anchor's own class, gathered; the window is small, so top_k with
+  the static k_pos >= every w_p (ties: lower column first, i.e. lower id).
+  """
   safe = jnp.maximum(members, 0)
   own = (members >= 0) & (members != anchors[:, None])
-  # Canonical values, as `_select_rank` ranks them, so both paths agree.
+  # Canonical values, as `_select_rank` ranks them, so every path agrees.
   far = jnp.where(own, _canonical(jnp.take_along_axis(d, safe, axis=1)), -jnp.inf)
-  _, cols = lax.top_k(far, k_pos)
-  col = jnp.take_along_axis(cols, positives[0][:, None], axis=1)
-  return jnp.take_along_axis(safe, col, axis=1)[:, 0], neg
+  if k_pos > _TOP_K_LIMIT:  # a wide window: counting beats top_k
+    col = _select_rank(-far, own, *positives)[:, None]
+  else:
+    _, cols = lax.top_k(far, k_pos)
+    col = jnp.take_along_axis(cols, positives[0][:, None], axis=1)
+  return jnp.take_along_axis(safe, col, axis=1)[:, 0]
+
+
+class TracedTable(NamedTuple):
+  """The class table of traced labels: members of class c are order[start:start + size]."""
+  order: jax.Array  # (n,) point ids sorted by class, stable (ascending within a class)
+  start: jax.Array  # (n,) where each point's class begins in `order`
+  width: jax.Array  # () index into the static widths: the narrowest >= the largest class
+
+
+def _traced_table(labels, widths):
+  """(TracedTable, class size of each point) from traced labels, in the graph.
+
+  One stable sort: O(n log n), small beside the O(n^2) selection. widths:
+  the static (width, k_pos) pairs of `_plan`; a class larger than all of them
+  selects over the whole row instead (width index len(widths)).
+  """
+  order = jnp.argsort(labels, stable=True).astype(jnp.int32)
+  ordered = labels[order]
+  start = jnp.searchsorted(ordered, labels, side="left").astype(jnp.int32)
+  size = jnp.searchsorted(ordered, labels, side="right").astype(jnp.int32) - start
+  largest = jnp.max(size)
+  width = jnp.sum(jnp.asarray([w for w, _ in widths] or [0], jnp.int32) < largest)
+  return TracedTable(order, start, width.astype(jnp.int32)), size
+
+
+def _traced_positives(d, anchors, other, table, positives, widths):
+  """Positives with traced labels: `_farthest_member` at the static width that fits.
+
+  `lax.switch` runs only the branch of the narrowest width that holds the
+  largest class, so a user's jit gets the concrete-label speed; with no such
+  width, counting over the whole row (same answer).
+  """
+  n = d.shape[1]
+  start = table.start[anchors]
+
+  def at_width(width, k_pos):
+    def branch():
+      j = jnp.arange(width, dtype=jnp.int32)
+      # Past the class's end the ids belong to other classes, and past n
+      # they are clipped repeats: both masked to -1.
+      at = start[:, None] + j
+      ids = table.order[jnp.minimum(at, n - 1)]
+      same = ~jnp.take_along_axis(other, ids, axis=1) & (at < n)
+      return _farthest_member(d, jnp.where(same, ids, -1), anchors, positives, k_pos)
+    return branch
+
+  def whole_row():
+    own = ~other & (anchors[:, None] != jnp.arange(n)[None, :])
+    return _select_rank(-_canonical(d), own, *positives)
+
+  return lax.switch(table.width, [at_width(w, k) for w, k in widths] + [whole_row])
 
 
 def _draw_ranks(key, w_p, w_n):
@@ -328,14 +405,13 @@ def _draw_ranks(key, w_p, w_n):
 # the largest), |x| < 2^-64 -> +0 (so -0 == +0 and no denormals). Excluded
 # entries are +inf, after every real value. Order is by value, then column.
 # Keys are the order-preserving int32 image of a float (`_to_key`). The bracket
-# search runs on keys, the counting on floats: for canonical x and q, x - q is
-# 0 or at least 2^-87 in size, so (x - q) * 2^100 is 0 or beyond +-2^13 and
-# max(0, 1 - max((x - q) * 2^100, 0)) is exactly [x <= q]. That form is plain
-# float arithmetic, which XLA:CPU fuses into its vectorised reduction; a
-# compare-and-convert count measured 1.3-2.7x slower.
+# search runs on keys, the counting and picking on floats compared with
+# canonical bounds (`_float_bound`): canonical values hold no denormals, so a
+# CPU that flushes them to zero compares them exactly. Compares summed as
+# float32 0/1 and plain min / sum reductions are what XLA:CPU vectorises; a
+# (value, column) argmin reduction measured ~10x slower than a count pass.
 # ----------------------------------------------------------------------------
 _TINY = 2.0 ** -64
-_SCALE = 2.0 ** 100
 _FMAX = float(np.finfo(np.float32).max)
 _KEY_LO = -2139095040  # _to_key(-_FMAX)
 _KEY_HI = 2139095039  # _to_key(_FMAX)
@@ -405,12 +481,16 @@ def _select_rank(values, mask, rank, count):
 
 def _count_at_most(x, pivot):
   """(b,) int32 count of canonical x[i] whose key is <= pivot[i]."""
-  # The largest canonical float whose key is <= pivot: same count, and exact
-  # float arithmetic below (no denormal differences).
+  # A float32 sum of 0/1 is exact below 2^24 and vectorises best (see above).
+  return jnp.sum((x <= _float_bound(pivot)[:, None]).astype(jnp.float32), axis=1).astype(jnp.int32)
+
+
+def _float_bound(pivot):
+  """The largest canonical float whose key is <= pivot: for canonical x,
+  key(x) <= pivot exactly when x <= this float, compared as floats (no
+  denormals, so flush-to-zero cannot change a comparison)."""
   f = _from_key(pivot)
-  q = jnp.where(pivot >= 0, jnp.where(f < _TINY, 0.0, f), jnp.where(f > -_TINY, -_TINY, f))
-  y = (x - q[:, None]) * _SCALE
-  return jnp.sum(jnp.maximum(1.0 - jnp.maximum(y, 0.0), 0.0), axis=1).astype(jnp.int32)
+  return jnp.where(pivot >= 0, jnp.where(f < _TINY, 0.0, f), jnp.where(f > -_TINY, -_TINY, f))
 
 
 def _is_done(rank, count, lo, hi, c_lo, c_hi):
@@ -419,35 +499,40 @@ def _is_done(rank, count, lo, hi, c_lo, c_hi):
 
 def _pick(x, rank, count, lo, hi, c_lo, c_hi):
   """The selected column once the bracket search has stopped."""
-  keys = _to_key(x)  # excluded entries are +inf, above every real key
-  kmax = jnp.iinfo(jnp.int32).max
   width = x.shape[1]
-  iota = jnp.arange(width, dtype=jnp.int32)[None, :]
-  # c_lo == rank: the answer is the first occurrence of the smallest key >= lo.
-  # c_hi == rank + 1: the last occurrence of the largest key <= hi, i.e. the
-  # first smallest ~key counting columns from the right. One pass does both.
-  from_hi = ((c_hi == rank + 1) & (c_lo != rank))[:, None]
-  candidate = jnp.where(from_hi, jnp.where(keys <= hi[:, None], ~keys, kmax),
-                        jnp.where(keys >= lo[:, None], keys, kmax))
-  _, col = lax.reduce((candidate, jnp.where(from_hi, width - 1 - iota, iota)),
-                      (jnp.int32(kmax), jnp.int32(width)), _lexicographic_min, (1,))
-  col = jnp.where(from_hi[:, 0], width - 1 - col, col)
+  iota = jnp.arange(width, dtype=jnp.float32)[None, :]
+  # c_lo == rank: the answer is the first occurrence of the smallest value
+  # with key >= lo. c_hi == rank + 1: the last occurrence of the largest value
+  # with key <= hi. Plain min / max and sums: XLA:CPU vectorises those, not
+  # an (value, column) argmin.
+  from_hi = (c_hi == rank + 1) & (c_lo != rank)
+  # One min over y = x (from lo) or -x (from hi) serves both kinds of row:
+  # key(x) >= lo is x > bound(lo - 1) (lo - 1 >= key(-inf)), and key(x) <= hi
+  # is x <= bound(hi), i.e. -x >= -bound(hi).
+  sign = jnp.where(from_hi, -1.0, 1.0)[:, None]
+  bound = jnp.where(from_hi, -_float_bound(hi), _float_bound(lo - 1))[:, None]
+  y = x * sign
+  value = jnp.min(jnp.where((y > bound) | ((y == bound) & (sign < 0)), y, jnp.inf), axis=1)
+  at = y == value[:, None]
+  copies = jnp.sum(at.astype(jnp.float32), axis=1)
+  col = jnp.sum(jnp.where(at, iota, 0.0), axis=1).astype(jnp.int32)  # right when copies == 1
+
+  def first_or_last_copy(col):
+    first = jnp.min(jnp.where(at, iota, width), axis=1)
+    last = jnp.max(jnp.where(at, iota, -1), axis=1)
+    return jnp.where(copies > 1, jnp.where(from_hi, last, first), col).astype(jnp.int32)
+
+  col = lax.cond(jnp.any(copies > 1), first_or_last_copy, lambda col: col, col)
   # Otherwise lo == hi is a value shared by several entries around the rank:
   # take its (rank - c_lo)-th occurrence. Only ties get here.
   tied = (c_lo != rank) & (c_hi != rank + 1) & (count > rank)
 
   def nth_occurrence(col):
-    seen = jnp.cumsum(keys == lo[:, None], axis=1, dtype=jnp.int32)
+    seen = jnp.cumsum(_to_key(x) == lo[:, None], axis=1, dtype=jnp.int32)
     nth = jnp.argmax(seen > (rank - c_lo)[:, None], axis=1).astype(jnp.int32)
     return jnp.where(tied, nth, col)
 
   return lax.cond(jnp.any(tied), nth_occurrence, lambda col: col, col)
-
-
-def _lexicographic_min(a, b):
-  (key_a, col_a), (key_b, col_b) = a, b
-  take_a = (key_a < key_b) | ((key_a == key_b) & (col_a < col_b))
-  return jnp.where(take_a, key_a, key_b), jnp.where(take_a, col_a, col_b)
 
 
 def _sample_moments(x, mask, size=512):

@@ -240,6 +240,81 @@ def test_losses_vmap_over_independent_problems_equals_a_loop():
 
 
 # --------------------------------------------------------------------------
+# The losses straight from embeddings (no (n, n) matrix).
+
+def embedding_problem(seed=0, n=7, t=9, dim=4):
+  _, triplets, valid = problem(seed, n, t)
+  emb = np.random.default_rng(seed + 100).standard_normal((n, dim)).astype(np.float32)
+  emb[1] = emb[2]  # coincident rows: a zero distance with a finite gradient
+  emb[3] = 0.0  # a zero vector: cosine distance 1 from everything
+  triplets[0] = (1, 2, 3)
+  return emb, triplets, valid
+
+
+@pytest.mark.parametrize("metric", losses.METRICS)
+def test_losses_from_embeddings_match_the_reference(metric):
+  emb, triplets, valid = embedding_problem()
+  dist = ref_distances(emb, emb, metric)
+  for margin in (None, 0.3):
+    got = losses.adaptive_triplet_loss_from_embeddings(emb, triplets, margin, valid, metric)
+    np.testing.assert_allclose(got, ref_adaptive(dist, triplets, margin, valid), rtol=1e-5)
+  got = losses.triplet_loss_from_embeddings(emb, triplets, 0.5, valid, metric)
+  np.testing.assert_allclose(got, ref_triplet(dist, triplets, 0.5, valid), rtol=1e-5, atol=1e-6)
+  # And the matrix path agrees to its expansion's rounding.
+  matrix = losses.adaptive_triplet_loss(losses.pairwise_distances(emb, metric=metric), triplets,
+                                        valid=valid)
+  np.testing.assert_allclose(losses.adaptive_triplet_loss_from_embeddings(
+      emb, triplets, valid=valid, metric=metric), matrix, atol=1e-5)
+
+
+@pytest.mark.parametrize("metric", losses.METRICS)
+def test_loss_from_embeddings_gradients_match_finite_differences(metric):
+  emb, triplets, valid = embedding_problem(seed=3)
+  # Finite differences need points away from the kinks: a zero distance, a zero vector.
+  emb[1] = emb[2] + 0.1
+  emb[3] = 0.5
+  with jax.enable_x64(True):
+    e0 = emb.astype(np.float64)
+    cases = {
+        "triplet": lambda e: losses.triplet_loss_from_embeddings(e, triplets, 0.7, valid, metric),
+        "adaptive": lambda e: losses.adaptive_triplet_loss_from_embeddings(
+            e, triplets, 0.3, valid, metric),
+    }
+    for name, loss in cases.items():
+      grad = jax.grad(loss)(jnp.asarray(e0))
+      np.testing.assert_allclose(grad, numeric_grad(lambda e: float(loss(jnp.asarray(e))), e0),
+                                 atol=1e-6, err_msg=name)
+
+
+def test_loss_from_embeddings_gradient_is_finite_at_coincident_rows():
+  emb, triplets, valid = embedding_problem(seed=4)
+  for metric in losses.METRICS:
+    grad = jax.grad(lambda e: losses.adaptive_triplet_loss_from_embeddings(
+        e, triplets, 0.2, valid, metric))(jnp.asarray(emb))
+    assert np.all(np.isfinite(grad)), metric
+
+
+def test_losses_from_embeddings_vmap_over_independent_problems():
+  problems = [embedding_problem(seed=s) for s in range(3)]
+  embs, trips, valids = (np.stack(x) for x in zip(*problems))
+  batched = jax.jit(jax.vmap(lambda e, t, v: losses.adaptive_triplet_loss_from_embeddings(
+      e, t, valid=v)))(embs, trips, valids)
+  for k, (e, t, v) in enumerate(problems):
+    np.testing.assert_allclose(batched[k], ref_adaptive(ref_distances(e, e, "euclidean"), t, None,
+                                                        v), rtol=1e-5)
+
+
+def test_loss_from_embeddings_argument_errors():
+  emb, triplets, valid = embedding_problem()
+  with pytest.raises(ValueError, match="embeddings must be a 2-d"):
+    losses.adaptive_triplet_loss_from_embeddings(emb[0], triplets)
+  with pytest.raises(ValueError, match=r"triplets must index rows of embeddings in \[0, 7\)"):
+    losses.adaptive_triplet_loss_from_embeddings(emb, triplets + 7)
+  with pytest.raises(ValueError, match="metric"):
+    losses.triplet_loss_from_embeddings(emb, triplets, metric="manhattan")
+
+
+# --------------------------------------------------------------------------
 # Argument errors: one plain sentence naming the argument.
 
 def test_distance_argument_errors():

@@ -148,6 +148,65 @@ def test_traced_labels_give_the_same_triplets_also_with_ties():
   check_windows(np.zeros((48, 48)), labels, *eager, 0.5, 0.5)
 
 
+def sized_labels(largest, n=80, seed=0):
+  """n labels whose largest class (the highest label, sorted last) has `largest` points."""
+  rng = np.random.default_rng(seed)
+  rest = np.arange(n - largest) % max(1, (n - largest) // 4)
+  labels = np.concatenate([rest, np.full(largest, rest.max() + 1)])
+  rng.shuffle(labels)
+  return labels
+
+
+@pytest.mark.parametrize("top_k_limit,sizes", [(64, (5, 12, 30, 60, 75)), (1, (12,))])
+def test_traced_labels_pick_every_table_width(monkeypatch, top_k_limit, sizes):
+  # With traced labels the class table is built in the graph at one of a few
+  # static widths, chosen at run time by the largest class; past them the
+  # whole row is counted. Every width (and the fallback) gives the triplets of
+  # the concrete-label path and of the reference. The largest class sorts
+  # last, where the table's reads run past n. top_k_limit 1: windows ranked
+  # by counting instead of top_k.
+  monkeypatch.setattr(mining, "_TOP_K_LIMIT", top_k_limit)
+  n = 80 + (top_k_limit == 1)  # another shape: no compiled program is reused
+  mine = jax.jit(lambda k, d, l: mining.hard_triplets(k, d, l))
+  for largest in sizes:  # widths 8, 16, 32, 64, whole row (n < 512)
+    labels = sized_labels(largest, n)
+    emb = np.random.default_rng(largest).standard_normal((n, 6)).astype(np.float32)
+    dist = losses.pairwise_distances(emb)
+    key = jax.random.key(largest)
+    eager = mining.hard_triplets(key, dist, labels)
+    traced = mine(key, dist, jnp.asarray(labels))
+    assert np.array_equal(eager[0], traced[0]) and np.array_equal(eager[1], traced[1]), largest
+    sets = window_sets(np.asarray(dist), labels, 0.5, 0.1)
+    for i, (_, p, q) in enumerate(np.asarray(traced[0])):
+      assert p in sets[i][0] and q in sets[i][1], (largest, i)
+
+
+# --------------------------------------------------------------------------
+# vmap over independent problems.
+
+def test_miner_vmaps_over_code_lengths_keys_and_labels():
+  # Several code lengths at once: shorter codes padded with zeros to the
+  # longest (zeros change no distance), one distance matrix per length.
+  emb, labels = dataset(seed=5, dim=8)
+  codes = np.stack([np.where(np.arange(8) < bits, emb, 0.0) for bits in (2, 4, 8)])
+  dists = jax.vmap(losses.pairwise_distances)(codes)
+  keys = jax.random.split(jax.random.key(1), 3)
+  batched = jax.jit(jax.vmap(lambda k, d: mining.hard_triplets(k, d, labels, 0.5, 0.5)))(keys,
+                                                                                       dists)
+  per_labels = np.stack([np.roll(labels, s) for s in range(3)])
+  traced = jax.jit(jax.vmap(lambda k, d, l: mining.hard_triplets(k, d, l, 0.5, 0.5)))(
+      keys, dists, per_labels)
+  blocked = jax.vmap(lambda k, e: mining.hard_triplets_from_embeddings(
+      k, e, labels, 0.5, 0.5, block_size=16))(keys, codes)
+  for j in range(3):
+    alone = mining.hard_triplets(keys[j], dists[j], labels, 0.5, 0.5)
+    for got in (batched, blocked):
+      assert np.array_equal(got[0][j], alone[0]) and np.array_equal(got[1][j], alone[1]), j
+    alone = mining.hard_triplets(keys[j], dists[j], per_labels[j], 0.5, 0.5)
+    assert np.array_equal(traced[0][j], alone[0]) and np.array_equal(traced[1][j], alone[1]), j
+    check_windows(dists[j], per_labels[j], traced[0][j], traced[1][j], 0.5, 0.5)
+
+
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 def test_chunked_mining_equals_mining_the_full_matrix(metric):
   emb, labels = dataset(seed=1)

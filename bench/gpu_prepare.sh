@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Run here (pip works) before bench/gpu.sh: what the GPU machine lacks goes into gpu_carry/
+# (git-ignored; name it in the device tool's `carry`): pure-Python wheels and the cub50 images.
+set -eu
+cd "$(dirname "$0")/.."
+mkdir -p gpu_carry/wheels
+pip download --no-deps --only-binary=:all: -d gpu_carry/wheels \
+  pytorch-metric-learning ml-collections tqdm efficientnet-lite-pytorch
+CUB50="${CUB50:-../shared/data/cub50}"
+if [ -d "$CUB50" ]; then
+  rm -rf gpu_carry/cub50 && cp -r "$CUB50" gpu_carry/cub50
+else
+  echo "no $CUB50: the cub50 part of bench/gpu.sh will fail (set CUB50=/path/to/cub50)" >&2
+fi
+du -sh gpu_carry
