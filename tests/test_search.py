@@ -52,7 +52,8 @@ def test_search_returns_brute_force_top_k_of_the_encoded_query(trained, tmp_path
   config, workdir = trained
   queries, _, _ = _write_queries(config, str(tmp_path / "q"), [0, 3])
   lines = []
-  out = search.search_command(config, workdir, queries, k=5, echo=lines.append)
+  out = search.search_command(config, workdir, queries, k=5, echo=lines.append,
+                              out_dir=str(tmp_path))
   assert out["bits"] == 12  # the longest code length by default
   searcher = search.Searcher(config, workdir)
   codes = searcher.encode_files(queries)
@@ -94,7 +95,8 @@ def test_index_mode_adds_a_folder(trained, tmp_path):
   assert sorted(idx.labels[before:].tolist()) == [-1, 1]
   assert all(os.path.isabs(p) and os.path.exists(p) for p in idx.paths[before:])
   # The new items are searchable by their own image.
-  res = search.search_command(config, workdir, [idx.paths[-1]], k=len(idx), echo=lambda _: None)
+  res = search.search_command(config, workdir, [idx.paths[-1]], k=len(idx), echo=lambda _: None,
+                              out_dir=str(tmp_path))
   assert before + 1 in [r["item"] for r in res["queries"][0]["results"]]
 
 
@@ -126,7 +128,8 @@ def test_search_command_line(trained, tmp_path):
           os.path.join(REPO, "configs", "demo.py") + ":scratch", "--workdir", workdir] + overrides
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   done = subprocess.run(base + ["--mode", "search", "--query", queries[0], "--k", "3"],
-                        capture_output=True, text=True, env=env, timeout=300, check=False)
+                        capture_output=True, text=True, env=env, timeout=300, check=False,
+                        cwd=tmp_path)  # the picture goes to the current folder
   assert done.returncode == 0, done.stderr[-2000:]
   ranks = [line.split()[0] for line in done.stdout.splitlines() if line.strip()[:1].isdigit()]
   assert "rank  distance" in done.stdout and ranks == ["1", "2", "3"]
