@@ -5,14 +5,17 @@
     python launch.py --config configs/cub.py:runlocal --workdir runs/ablation --mode ablate
     python launch.py --config configs/demo.py --workdir runs/demo --mode search --query a.jpg --k 10
     python launch.py --config configs/demo.py --workdir runs/demo --mode index --images new_photos/
+    python launch.py --config configs/demo.py --workdir runs/demo --mode serve --port 8000
 
 --mode train (the default) runs the stages the config names (data, saliency,
 stage1, stage2, evaluate, report); a finished stage is skipped and an
 interrupted one resumes from its last checkpoint when the same command is run
-again. --mode ablate runs the paper's comparisons (fgir_jax/train/ablation.py),
+again. --mode ablate runs the paper's comparisons (fgir_jax/commands/ablation.py),
 --mode search finds the database images nearest to each --query (and draws
 them into --out, default the current directory: it writes nothing into the run),
---mode index adds the images of a folder to the run's index. A SIGTERM stops a
+--mode index adds the images of a folder to the run's index, --mode serve serves
+a search page and a JSON API over the run (read-only; pip install -e ".[serve]",
+fgir_jax/commands/serve.py). A SIGTERM stops a
 run as Ctrl-C does: the same command resumes it.
 """
 
@@ -26,7 +29,7 @@ from absl import logging
 from absl import flags
 from ml_collections import config_flags
 
-MODES = ("train", "ablate", "search", "index")
+MODES = ("train", "ablate", "search", "index", "serve")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                           lock_config=True)
@@ -40,6 +43,11 @@ _BITS = flags.DEFINE_integer("bits", None, "--mode search/index: code length (de
 _IMAGES = flags.DEFINE_string("images", None, "--mode index: a folder of images to add.")
 _OUT = flags.DEFINE_string("out", ".", "--mode search: the folder for search_results.png "
                            "(nothing is written into the work directory).")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "--mode serve: the address to listen on "
+                            "(the default answers this machine only).")
+_PORT = flags.DEFINE_integer("port", 8000, "--mode serve: the port to listen on.")
+_MAX_UPLOAD = flags.DEFINE_float("max_upload_mb", 20.0, "--mode serve: the largest image upload "
+                                 "accepted, in megabytes.")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show the full traceback of an error.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -94,15 +102,19 @@ def run_mode(mode: str, config, workdir: str) -> None:
       shown = ", ".join(f"{b} bits {v:.4f}" for b, v in results["map"].items())
       print(f"mAP: {shown}  (results in {workdir}/results.json, report in {workdir}/report.md)")
   elif mode == "ablate":
-    from fgir_jax.train import ablation
+    from fgir_jax.commands import ablation
     ablation.run_ablation(config, workdir, _VARIANTS.value)
     print(f"ablation table: {workdir}/ablation.md")
   elif mode == "search":
-    from fgir_jax.train import search
+    from fgir_jax.commands import search
     search.search_command(config, workdir, _QUERY.value, k=_K.value, bits=_BITS.value,
                           out_dir=_OUT.value)
+  elif mode == "serve":
+    from fgir_jax.commands import serve
+    serve.serve(config, workdir, host=_HOST.value, port=_PORT.value,
+                max_upload_mb=_MAX_UPLOAD.value)
   else:
-    from fgir_jax.train import search
+    from fgir_jax.commands import search
     search.index_command(config, workdir, _IMAGES.value, bits=_BITS.value)
 
 

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from fgir_jax.train import ablation
+from fgir_jax.commands import ablation
 from test_pipeline import tiny_config
 
 

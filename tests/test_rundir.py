@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fgir_jax.train import pipeline
-from fgir_jax.train import search
+from fgir_jax.commands import search
 from fgir_jax.train.checkpoints import StageCheckpoints
 
 from test_pipeline import REPO, tiny_config
@@ -21,11 +21,9 @@ from test_search import _tiny_overrides
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def finished(tiny_run):
   """A finished tiny run (8 and 12 bits), copied afresh for each test that changes it."""
-  config, workdir = tiny_config(), str(tmp_path_factory.mktemp("rundir") / "run")
-  pipeline.run(config, workdir, echo=lambda _: None, command="python launch.py TINY")
-  return workdir
+  return tiny_run
 
 
 @pytest.fixture()
@@ -223,7 +221,7 @@ def test_a_killed_checkpoint_save_is_removed_with_one_line(tmp_path):
 
 
 def test_ablation_on_a_finished_run_takes_it_over(run_copy):
-  from fgir_jax.train import ablation  # pylint: disable=g-import-not-at-top
+  from fgir_jax.commands import ablation  # pylint: disable=g-import-not-at-top
   config, workdir = run_copy
   lines = []
   ablation.run_ablation(config, workdir, "full", echo=lines.append)

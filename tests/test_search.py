@@ -10,18 +10,15 @@ from PIL import Image
 
 from fgir_jax import index as index_lib
 from fgir_jax.train import pipeline
-from fgir_jax.train import search
+from fgir_jax.commands import search
+from conftest import copy_run
 from test_pipeline import REPO, tiny_config
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """A finished tiny run, and the config that made it."""
-  config = tiny_config()
-  config.saliency.epochs = 2
-  workdir = str(tmp_path_factory.mktemp("search") / "run")
-  pipeline.run(config, workdir, echo=lambda _: None)
-  return config, workdir
+def trained(tiny_run, tmp_path_factory):
+  """A finished tiny run (a copy: test_index_mode_adds_a_folder grows it), and its config."""
+  return tiny_config(), copy_run(tiny_run, tmp_path_factory.mktemp("search") / "run")
 
 
 def _write_queries(config, directory, rows):
@@ -146,4 +143,4 @@ def _tiny_overrides():
           "--config.data.image_size=32", "--config.stage1.epochs=2", "--config.stage1.batch_size=8",
           "--config.stage2.epochs=2", "--config.stage2.mine_every=1", "--config.stage2.bits=8,12",
           "--config.stage2.batch_size=16", "--config.stage2.eval_every=1",
-          "--config.progress=False", "--config.saliency.epochs=2"]
+          "--config.progress=False"]

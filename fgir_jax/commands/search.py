@@ -11,6 +11,7 @@ codes with their labels and image paths.
 
 from __future__ import annotations
 
+import io
 import os
 
 import jax.numpy as jnp
@@ -53,34 +54,55 @@ class Searcher:
     config = run_config(config, workdir)
     self.run = Run(config, workdir, echo=lambda _: None, writable=False)
     _check_trained(self.run, config)
+    self.trained_bits = self._trained_bits()
     self.bits = self._pick_bits(bits)
-    self.index = index_lib.HammingIndex.load(index_path(self.run.wd, self.bits))
+    self._by_bits = {}  # bits -> (HammingIndex, hash layer params), loaded on first use
+    self.index = self.index_for(self.bits)
     # The networks only need the class count; the labels come from the index.
     self.run.dataset = _ClassesOnly(self.index.class_names or [])
     self.net, self.variables = classifier.restore_stage1(self.run)
-    with np.load(self.run.wd.file("stage2", f"hash_{self.bits}.npz")) as f:
-      self.hash_params = {k: jnp.asarray(v) for k, v in f.items()}
     self._saliency = None
     self._paths = self.index.paths  # a copy per access: taken once
     self._train_images = None       # the run's cached train images, loaded on first need
 
-  def _pick_bits(self, bits):
+  def _trained_bits(self) -> list[int]:
     trained = [b for b in config_lib.bit_list(self.run.config)
                if os.path.exists(index_path(self.run.wd, b))]
     if not trained:
       raise ValueError(f"{self.run.wd.path} has no index (index/index_<bits>.npz); write it "
                        f"again with: {train_command(self.run.wd)} --config.rerun=evaluate")
+    return trained
+
+  def _pick_bits(self, bits):
     if bits is None:
-      return max(trained)
-    if bits not in trained:
+      return max(self.trained_bits)
+    if bits not in self.trained_bits:
       raise ValueError(f"no {bits}-bit model in {self.run.wd.path}; it has "
-                       f"{', '.join(map(str, trained))}-bit codes: pass --bits with one of those.")
+                       f"{', '.join(map(str, self.trained_bits))}-bit codes: pass --bits with "
+                       "one of those.")
     return bits
 
+  def _load_bits(self, bits: int):
+    bits = self._pick_bits(bits)
+    if bits not in self._by_bits:
+      index = index_lib.HammingIndex.load(index_path(self.run.wd, bits))
+      with np.load(self.run.wd.file("stage2", f"hash_{bits}.npz")) as f:
+        params = {k: jnp.asarray(v) for k, v in f.items()}
+      self._by_bits[bits] = (index, params)
+    return self._by_bits[bits]
+
+  def index_for(self, bits: int | None = None) -> index_lib.HammingIndex:
+    """The database index of a trained code length (default: this searcher's)."""
+    return self._load_bits(self.bits if bits is None else bits)[0]
+
+  @property
+  def hash_params(self):
+    return self._load_bits(self.bits)[1]
+
   # ---- images -> codes ---------------------------------------------------------
-  def encode_files(self, paths: list[str]) -> np.ndarray:
+  def encode_files(self, paths: list[str], bits: int | None = None) -> np.ndarray:
     """(n, bits) {0,1} codes of image files, preprocessed as the training images were."""
-    return self.encode_loaded(paths, self.load_files(paths))
+    return self.encode_loaded(paths, self.load_files(paths), bits)
 
   def load_files(self, paths: list[str]) -> np.ndarray:
     """The uncropped images of `paths`, decoded and resized as the cache does."""
@@ -93,20 +115,31 @@ class Searcher:
         raise FileNotFoundError(f"query image {p} does not exist; check the path.")
     return np.stack([cache_lib.load_image(p, self.run.size) for p in paths])
 
-  def encode_loaded(self, paths: list[str], images: np.ndarray) -> np.ndarray:
-    """Codes of `images` (= load_files(paths)): the saliency box is cut from the file."""
+  def encode_loaded(self, sources: list, images: np.ndarray, bits: int | None = None) -> np.ndarray:
+    """Codes of `images` (= the uncropped images of `sources`, image paths or file bytes):
+    the saliency box is cut from the source itself, as the cache cuts it in training."""
+    return self.encode_with_boxes(sources, images, bits)[0]
+
+  def encode_with_boxes(self, sources: list, images: np.ndarray, bits: int | None = None):
+    """(codes, boxes): boxes (n, 4) normalised (ymin, xmin, ymax, xmax), None without cropping."""
     boxes = self.boxes(images)
     if boxes is not None:
-      images = np.stack([cache_lib.load_image(p, self.run.size, box)
-                         for p, box in zip(paths, boxes)])
-    return self.encode_images(images)
+      images = np.stack([cache_lib.load_image(_openable(s), self.run.size, box)
+                         for s, box in zip(sources, boxes)])
+    return self.encode_images(images, bits), boxes
 
-  def encode_images(self, images: np.ndarray) -> np.ndarray:
+  def encode_images(self, images: np.ndarray, bits: int | None = None) -> np.ndarray:
     out = inference.run_network(self.net, self.variables,
                                 batching.DeviceInput(images, np.zeros(len(images), np.int32)),
-                                batch_size=self.run.config.eval.batch_size)
-    hashed = stage2_lib.hash_outputs(self.hash_params, jnp.asarray(out["pooled"]))
+                                batch_size=self._batch_size(len(images)))
+    params = self._load_bits(self.bits if bits is None else bits)[1]
+    hashed = stage2_lib.hash_outputs(params, jnp.asarray(out["pooled"]))
     return np.asarray(hashed > 0, np.uint8)
+
+  def _batch_size(self, n: int) -> int:
+    """A power of two >= n, at most eval.batch_size: one query runs as a batch of one (not
+    padded to a full evaluation batch), and the few sizes compile once each."""
+    return min(self.run.config.eval.batch_size, 1 << max(0, n - 1).bit_length())
 
   def boxes(self, images: np.ndarray) -> np.ndarray | None:
     """Saliency boxes as in training; None when the run did not crop."""
@@ -121,7 +154,7 @@ class Searcher:
     net, variables = self._saliency
     out = inference.run_network(net, variables,
                                 batching.DeviceInput(images, np.zeros(len(images), np.int32)),
-                                batch_size=self.run.config.eval.batch_size, with_maps=True,
+                                batch_size=self._batch_size(len(images)), with_maps=True,
                                 map_layer=sal.layer)
     return np.asarray(saliency.boxes_from_maps(out["maps"], alpha=sal.alpha, mode=sal.mode,
                                                image_size=(self.run.size, self.run.size),
@@ -148,6 +181,11 @@ class Searcher:
 
   def path(self, item: int) -> str:
     return self._paths[item]
+
+
+def _openable(source):
+  """What PIL opens: a path as it is, file bytes as a fresh in-memory file."""
+  return io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
 
 
 def train_command(wd) -> str:

@@ -26,6 +26,7 @@ import json
 import os
 
 from fgir_jax.train import config as config_lib
+from fgir_jax.train import pipeline
 from fgir_jax.train.workdir import Workdir, write_json
 
 VARIANTS = ("full", "no_enhance", "no_saliency", "triplet", "ce")
@@ -60,7 +61,6 @@ def parse_variants(text: str) -> list[str]:
 
 def run_ablation(config, workdir: str, variants: str = ",".join(VARIANTS), echo=print) -> dict:
   """Runs the variants and writes ablation.md / ablation.json in `workdir`; returns the rows."""
-  from fgir_jax.train import pipeline  # pylint: disable=g-import-not-at-top  (import cycle)
   names = parse_variants(variants)
   cache_dir = os.path.join(os.path.abspath(workdir), "cache")
   configs = {name: variant_config(config, name, cache_dir) for name in names}
@@ -105,7 +105,7 @@ def write_tables(workdir: str, config, rows: dict) -> str:
                     report.pct(r["corloc"], missing="no true boxes" if r["saliency"] else "off")])
   dataset = next(iter(rows.values()))["dataset"] if rows else config.data.source
   lines = [f"# Ablation: {dataset}", "",
-           "Each variant is the config with one change (fgir_jax/train/ablation.py); "
+           "Each variant is the config with one change (fgir_jax/commands/ablation.py); "
            "same data, split and seeds.", "", report.markdown_table(header, table), ""]
   lines += _answers(rows, bits[-1], config)
   paper = report.paper_numbers(config.data.source)

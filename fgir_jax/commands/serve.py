@@ -1,0 +1,199 @@
+"""`launch.py --mode serve`: a local web page and JSON API over a trained run.
+
+    python launch.py --config configs/demo.py --workdir runs/demo --mode serve [--port 8000]
+
+Routes (contracts, ../shared/DESIGN.md):
+  GET  /                  the search page (serve_page.html: plain HTML and a little
+                          JavaScript, nothing loaded from the internet)
+  GET  /report            the run's report.md as HTML, with its plots
+  POST /api/search        multipart field `image`, optional `k` and `bits` ->
+                          {"bits", "box", "results": [{"rank", "distance", "id",
+                          "label", "class_name", "image_url"}]}
+  GET  /api/health        {"status": "ok", "bits": [...], "database": N}
+  GET  /api/images/{id}   a database image by its index id (optional ?bits=)
+  GET  /api/random_query  a random test-split image: {"id", "image_url", "label", "class_name"}
+  GET  /api/queries/{id}  that image's file
+Bad input gets a 4xx with {"error": "..."}; the server keeps serving. Built
+on Starlette and uvicorn (`pip install -e ".[serve]"`); only this module
+imports them, and only `--mode serve` imports this module.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import importlib.resources
+import re
+
+from fgir_jax.commands.service import DEFAULT_MAX_UPLOAD_MB, RequestError, SearchService
+
+_SERVE_HINT = ('--mode serve needs the web server packages: pip install -e ".[serve]" '
+               "(starlette, uvicorn, python-multipart, markdown).")
+
+
+def _imports():
+  try:
+    import markdown  # pylint: disable=g-import-not-at-top
+    import starlette  # pylint: disable=g-import-not-at-top,unused-import
+    import uvicorn  # pylint: disable=g-import-not-at-top,unused-import
+    import python_multipart  # pylint: disable=g-import-not-at-top,unused-import  (form parsing)
+  except ImportError as e:
+    raise ImportError(_SERVE_HINT) from e
+  return markdown
+
+
+def create_app(service: SearchService):
+  """The Starlette application answering for `service`."""
+  markdown = _imports()
+  # pylint: disable=g-import-not-at-top
+  from starlette.applications import Starlette
+  from starlette.concurrency import run_in_threadpool
+  from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
+  from starlette.routing import Route
+
+  page = importlib.resources.files("fgir_jax.commands").joinpath("serve_page.html").read_text()
+
+  def refusing(handler):
+    """Runs the blocking handler in a worker thread; RequestError -> 4xx {"error": ...}."""
+    @functools.wraps(handler)
+    async def endpoint(request):
+      try:
+        return await handler(request, run_in_threadpool)
+      except RequestError as e:
+        return JSONResponse({"error": e.message}, status_code=e.status)
+    return endpoint
+
+  async def index_page(request):
+    del request
+    return HTMLResponse(page)
+
+  @refusing
+  async def report(request, threaded):
+    del request
+    text = await threaded(service.report_markdown)
+    body = markdown.markdown(text, extensions=["tables"])
+    # Plots are linked as plots/<name>; they are served from /report/plots/<name>.
+    body = re.sub(r'src="plots/', 'src="/report/plots/', body)
+    return HTMLResponse(_REPORT_PAGE.format(title=html.escape(service.searcher.run.wd.path),
+                                            body=body))
+
+  @refusing
+  async def plot(request, threaded):
+    return FileResponse(await threaded(service.plot_file, request.path_params["name"]))
+
+  @refusing
+  async def health(request, threaded):
+    del request
+    return JSONResponse(await threaded(service.health))
+
+  @refusing
+  async def search(request, threaded):
+    limit = service.max_upload_bytes + (1 << 16)  # the form's own bytes on top
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+      raise RequestError(413, f"the upload is {int(declared) / 2**20:.1f} MB, over the "
+                              f"{service.max_upload_bytes / 2**20:g} MB limit (--max_upload_mb).")
+    try:
+      form = await request.form()
+    except Exception as e:  # noqa: BLE001 - any malformed body is the client's problem
+      raise RequestError(400, "the request is not a multipart form; send the image in the "
+                              "field 'image' (multipart/form-data).") from e
+    upload = form.get("image")
+    if upload is None or isinstance(upload, str):
+      raise RequestError(400, "no image: send the image file in the multipart field 'image'.")
+    data = await upload.read()
+    return JSONResponse(await threaded(service.search, data, form.get("k", 10),
+                                       form.get("bits")))
+
+  @refusing
+  async def database_image(request, threaded):
+    data = await threaded(service.database_image, request.path_params["id"],
+                          request.query_params.get("bits"))
+    return Response(data, media_type="image/jpeg",
+                    headers={"Cache-Control": "max-age=3600"})
+
+  @refusing
+  async def random_query(request, threaded):
+    del request
+    return JSONResponse(await threaded(service.random_query))
+
+  @refusing
+  async def query_image(request, threaded):
+    data = await threaded(service.query_image, request.path_params["id"])
+    return Response(data, media_type=_media_type(data))
+
+  async def not_found(request, exc):
+    del exc
+    return JSONResponse({"error": f"no such page: {request.url.path}"}, status_code=404)
+
+  async def not_allowed(request, exc):
+    del exc
+    return JSONResponse({"error": f"{request.method} is not allowed on {request.url.path}"},
+                        status_code=405)
+
+  routes = [
+      Route("/", index_page),
+      Route("/report", report),
+      Route("/report/plots/{name}", plot),
+      Route("/api/health", health),
+      Route("/api/search", search, methods=["POST"]),
+      Route("/api/images/{id}", database_image),
+      Route("/api/random_query", random_query),
+      Route("/api/queries/{id}", query_image),
+  ]
+  app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_allowed})
+  app.state.service = service
+  return app
+
+
+def serve(config, workdir: str, host: str = "127.0.0.1", port: int = 8000,
+          max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, echo=print) -> None:
+  """Loads the run once, warms the networks up, and serves until interrupted."""
+  _imports()
+  import uvicorn  # pylint: disable=g-import-not-at-top
+  if not 0 < port < 65536:
+    raise ValueError(f"--port must be from 1 to 65535, got {port}.")
+  echo(f"loading {workdir} ...")
+  service = SearchService(config, workdir, max_upload_mb)
+  echo("compiling the networks (one warm-up search) ...")
+  warm_up(service)
+  health = service.health()
+  echo(f"serving {health['database']} database images, {', '.join(map(str, health['bits']))}"
+       f"-bit codes at http://{host}:{port}/  (Ctrl-C stops)")
+  if host not in ("127.0.0.1", "localhost", "::1"):
+    echo(f"note: --host {host} makes the page reachable from other machines.")
+  uvicorn.run(create_app(service), host=host, port=port, log_level="warning")
+
+
+def warm_up(service: SearchService) -> None:
+  """One search of a grey image at every code length: later searches skip compiling."""
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  buffer = io.BytesIO()
+  Image.new("RGB", (64, 64), (128, 128, 128)).save(buffer, format="PNG")
+  for bits in service.bits:
+    service.search(buffer.getvalue(), k=10, bits=bits)
+
+
+def _media_type(data: bytes) -> str:
+  for magic, kind in ((b"\xff\xd8", "image/jpeg"), (b"\x89PNG", "image/png"), (b"GIF8", "image/gif"),
+                      (b"BM", "image/bmp"), (b"RIFF", "image/webp")):
+    if data.startswith(magic):
+      return kind
+  return "application/octet-stream"
+
+
+_REPORT_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>report: {title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 980px; margin: 2em auto; padding: 0 1em;
+        color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: left; }}
+img {{ max-width: 100%; }}
+code {{ background: #f3f3f3; padding: 0 3px; }}
+</style></head>
+<body><p><a href="/">&larr; search</a></p>
+{body}
+</body></html>
+"""
