@@ -157,7 +157,7 @@ def sized_labels(largest, n=80, seed=0):
   return labels
 
 
-@pytest.mark.parametrize("top_k_limit,sizes", [(64, (5, 12, 30, 60, 75)), (1, (12,))])
+@pytest.mark.parametrize("top_k_limit,sizes", [(64, (5, 30, 75)), (1, (12,))])
 def test_traced_labels_pick_every_table_width(monkeypatch, top_k_limit, sizes):
   # With traced labels the class table is built in the graph at one of a few
   # static widths, chosen at run time by the largest class; past them the
@@ -168,7 +168,7 @@ def test_traced_labels_pick_every_table_width(monkeypatch, top_k_limit, sizes):
   monkeypatch.setattr(mining, "_TOP_K_LIMIT", top_k_limit)
   n = 80 + (top_k_limit == 1)  # another shape: no compiled program is reused
   mine = jax.jit(lambda k, d, l: mining.hard_triplets(k, d, l))
-  for largest in sizes:  # widths 8, 16, 32, 64, whole row (n < 512)
+  for largest in sizes:  # widths 8 / 32 (16 and 64 are the same code), 16, whole row (n < 512)
     labels = sized_labels(largest, n)
     emb = np.random.default_rng(largest).standard_normal((n, 6)).astype(np.float32)
     dist = losses.pairwise_distances(emb)
