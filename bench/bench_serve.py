@@ -17,10 +17,8 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import socket
 import statistics
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -36,7 +34,6 @@ def main(argv=None):
 
   import httpx
   import jax
-  import uvicorn
   from fgir_jax.commands import serve
   from fgir_jax.commands.service import SearchService
 
@@ -56,28 +53,15 @@ def main(argv=None):
     service.search(payloads[i % len(payloads)], k=args.k)
     direct.append(time.perf_counter() - t)
 
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  server = uvicorn.Server(uvicorn.Config(serve.create_app(service), host="127.0.0.1", port=port,
-                                         log_level="warning"))
-  threading.Thread(target=server.run, daemon=True).start()
-  url = f"http://127.0.0.1:{port}"
-  with httpx.Client(timeout=60) as client:
-    for _ in range(100):
-      try:
-        client.get(url + "/api/health")
-        break
-      except httpx.TransportError:
-        time.sleep(0.1)
+  with serve.Background(service) as server, httpx.Client(timeout=60) as client:
     http = []
     for i in range(args.repeats):
       t = time.perf_counter()
-      response = client.post(url + "/api/search", files={"image": ("q.png", payloads[i % len(payloads)])},
+      response = client.post(server.url + "/api/search",
+                             files={"image": ("q.png", payloads[i % len(payloads)])},
                              data={"k": str(args.k)})
       response.raise_for_status()
       http.append(time.perf_counter() - t)
-  server.should_exit = True
 
   health = service.health()
   print(f"# {args.workdir}: {health['database']} database images, {health['bits'][-1]}-bit "

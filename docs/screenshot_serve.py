@@ -15,11 +15,8 @@ import importlib.util
 import os
 import random
 import shutil
-import socket
 import sys
-import threading
 import time
-import urllib.request
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -33,7 +30,6 @@ def main(argv=None):
   p.add_argument("--seed", type=int, default=3)
   args = p.parse_args(argv)
 
-  import uvicorn
   from selenium import webdriver
   from selenium.webdriver.common.by import By
   from selenium.webdriver.support.ui import WebDriverWait
@@ -46,39 +42,27 @@ def main(argv=None):
   service = SearchService(module.get_config(), args.workdir)
   serve.warm_up(service)
   random.seed(args.seed)  # the random test image the page asks for
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  server = uvicorn.Server(uvicorn.Config(serve.create_app(service), host="127.0.0.1", port=port,
-                                         log_level="warning"))
-  threading.Thread(target=server.run, daemon=True).start()
-  url = f"http://127.0.0.1:{port}/"
-  for _ in range(100):
-    try:
-      urllib.request.urlopen(url + "api/health", timeout=1)
-      break
-    except OSError:
-      time.sleep(0.1)
   options = webdriver.ChromeOptions()
   options.binary_location = shutil.which("chromium") or shutil.which("chromium-browser")
   for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,860",
               "--hide-scrollbars"):
     options.add_argument(arg)
-  browser = webdriver.Chrome(options=options,
-                             service=webdriver.ChromeService(shutil.which("chromedriver")))
-  try:
-    browser.get(url)
-    wait = WebDriverWait(browser, 60)
-    wait.until(lambda b: "database images" in b.find_element(By.ID, "info").text)
-    browser.find_element(By.ID, "random").click()
-    wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".result.right, .result.wrong")) >= 10)
-    thumbs = browser.find_elements(By.CSS_SELECTOR, ".result img")
-    wait.until(lambda b: all(t.get_property("naturalWidth") > 0 for t in thumbs))
-    time.sleep(0.5)
-    browser.save_screenshot(args.out)
-  finally:
-    browser.quit()
-    server.should_exit = True
+  with serve.Background(service) as server:
+    browser = webdriver.Chrome(options=options,
+                               service=webdriver.ChromeService(shutil.which("chromedriver")))
+    try:
+      browser.get(server.url + "/")
+      wait = WebDriverWait(browser, 60)
+      wait.until(lambda b: "database images" in b.find_element(By.ID, "info").text)
+      browser.find_element(By.ID, "random").click()
+      wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR,
+                                               ".result.right, .result.wrong")) >= 10)
+      thumbs = browser.find_elements(By.CSS_SELECTOR, ".result img")
+      wait.until(lambda b: all(t.get_property("naturalWidth") > 0 for t in thumbs))
+      time.sleep(0.5)
+      browser.save_screenshot(args.out)
+    finally:
+      browser.quit()
   print(f"wrote {args.out}")
 
 

@@ -6,12 +6,8 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import threading
-import time
-import urllib.request
 
 import pytest
 from PIL import Image
@@ -150,24 +146,8 @@ def test_page_is_self_contained(client):
 
 @pytest.fixture(scope="module")
 def live(service):
-  import uvicorn  # pylint: disable=g-import-not-at-top
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  server = uvicorn.Server(uvicorn.Config(serve.create_app(service), host="127.0.0.1", port=port,
-                                         log_level="warning"))
-  thread = threading.Thread(target=server.run, daemon=True)
-  thread.start()
-  url = f"http://127.0.0.1:{port}"
-  for _ in range(100):
-    try:
-      urllib.request.urlopen(url + "/api/health", timeout=1)
-      break
-    except OSError:
-      time.sleep(0.1)
-  yield url
-  server.should_exit = True
-  thread.join(timeout=10)
+  with serve.Background(service) as server:
+    yield server.url
 
 
 def _live_search(url, path, k, bits):

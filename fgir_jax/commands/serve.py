@@ -165,6 +165,40 @@ def serve(config, workdir: str, host: str = "127.0.0.1", port: int = 8000,
   uvicorn.run(create_app(service), host=host, port=port, log_level="warning")
 
 
+class Background:
+  """The app served by uvicorn from a thread of this process, e.g. for a notebook, a test or
+  a benchmark: `with Background(service) as server: ... server.url ...`."""
+
+  def __init__(self, service: SearchService, host: str = "127.0.0.1", port: int = 0):
+    _imports()
+    import socket  # pylint: disable=g-import-not-at-top
+    import threading  # pylint: disable=g-import-not-at-top
+    import uvicorn  # pylint: disable=g-import-not-at-top
+    if not port:  # a free port, chosen by the system
+      with socket.socket() as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    self.url = f"http://{host}:{port}"
+    self._server = uvicorn.Server(uvicorn.Config(create_app(service), host=host, port=port,
+                                                 log_level="warning"))
+    self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+  def __enter__(self) -> "Background":
+    import time  # pylint: disable=g-import-not-at-top
+    self._thread.start()
+    for _ in range(600):  # up to a minute
+      if self._server.started:
+        return self
+      if not self._thread.is_alive():
+        raise OSError(f"the server could not start at {self.url}")
+      time.sleep(0.1)
+    raise OSError(f"the server at {self.url} did not start within a minute")
+
+  def __exit__(self, *exc) -> None:
+    self._server.should_exit = True
+    self._thread.join(timeout=10)
+
+
 def warm_up(service: SearchService) -> None:
   """One search of a grey image at every code length: later searches skip compiling."""
   import io  # pylint: disable=g-import-not-at-top
