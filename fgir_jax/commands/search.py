@@ -95,10 +95,6 @@ class Searcher:
     """The database index of a trained code length (default: this searcher's)."""
     return self._load_bits(self.bits if bits is None else bits)[0]
 
-  @property
-  def hash_params(self):
-    return self._load_bits(self.bits)[1]
-
   # ---- images -> codes ---------------------------------------------------------
   def encode_files(self, paths: list[str], bits: int | None = None) -> np.ndarray:
     """(n, bits) {0,1} codes of image files, preprocessed as the training images were."""
@@ -166,9 +162,11 @@ class Searcher:
     return net, classifier.init_variables(self.run, net, self.run.stage_key("saliency_net"))
 
   # ---- database images, for the grid --------------------------------------------
-  def database_image(self, item: int) -> np.ndarray:
-    """The image of index item `item`: its file, or the run's cached image (no file)."""
-    path = self._paths[item]
+  def database_image(self, item: int, bits: int | None = None) -> np.ndarray:
+    """The image of item `item` of a code length's index (default: this searcher's): its
+    file, or the run's cached image (items without a file are the same training images,
+    in the same order, in every code length's index)."""
+    path = self._paths[item] if bits in (None, self.bits) else self.index_for(bits).paths[item]
     if path and os.path.isfile(path):
       return cache_lib.load_image(path, self.run.size)
     if self._train_images is None:
@@ -181,6 +179,11 @@ class Searcher:
 
   def path(self, item: int) -> str:
     return self._paths[item]
+
+  def class_name(self, label: int) -> str:
+    """The name of a class id; "" for -1 (an image added without a known class)."""
+    names = self.index.class_names or []
+    return names[label] if 0 <= label < len(names) else ""
 
 
 def _openable(source):
@@ -250,7 +253,6 @@ def search_command(config, workdir: str, queries: list[str], k: int = 10,
   query_images = searcher.load_files(list(queries))
   codes = searcher.encode_loaded(list(queries), query_images)
   distances, items = searcher.index.search(codes, k=min(k, len(searcher.index)))
-  names = searcher.index.class_names or []
   results = []
   for q, path in enumerate(queries):
     echo(f"query {path} ({searcher.bits} bits, {len(searcher.index)} database images)")
@@ -258,7 +260,7 @@ def search_command(config, workdir: str, queries: list[str], k: int = 10,
     rows = []
     for rank, (d, i) in enumerate(zip(distances[q], items[q]), 1):
       label = int(searcher.index.labels[i])
-      name = names[label] if 0 <= label < len(names) else str(label)
+      name = searcher.class_name(label) or str(label)
       item_path = searcher.path(i)
       echo(f"{rank:>4}  {int(d):>8}  {name:<28}  {item_path or f'(database item {int(i)})'}")
       rows.append({"rank": rank, "distance": int(d), "item": int(i), "label": label,

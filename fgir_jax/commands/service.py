@@ -64,9 +64,6 @@ class SearchService:
   def health(self) -> dict:
     return {"status": "ok", "bits": self.bits, "database": len(self.searcher.index)}
 
-  def class_names(self) -> list[str]:
-    return list(self.searcher.index.class_names or [])
-
   # ---- search ----------------------------------------------------------------------
   def search(self, data: bytes, k=10, bits=None) -> dict:
     """The top k of an image given as file bytes, as `--mode search` finds them.
@@ -86,12 +83,11 @@ class SearchService:
       # share their prefixes, and the page's k choices then compile one search kernel.
       distances, items = index.search(codes, k=min(len(index), max(16, 1 << (k - 1).bit_length())))
       distances, items = distances[:, :k], items[:, :k]
-    names = self.class_names()
     results = []
     for rank, (distance, item) in enumerate(zip(distances[0], items[0]), 1):
       label = int(index.labels[item])
       results.append({"rank": rank, "distance": int(distance), "id": int(item), "label": label,
-                      "class_name": names[label] if 0 <= label < len(names) else "",
+                      "class_name": self.searcher.class_name(label),
                       "image_url": f"/api/images/{int(item)}?bits={bits}"})
     box = None if boxes is None else [round(float(v), 4) for v in boxes[0]]
     return {"bits": bits, "box": box, "results": results}
@@ -134,17 +130,9 @@ class SearchService:
     key = (bits, item)
     with self._lock:  # the networks' lazy loads and the thumbnail cache, one at a time
       if key not in self._thumbnails:
-        pixels = (self.searcher.database_image(item) if bits == self.searcher.bits
-                  else self._image_of(index, item))
-        self._remember(key, _jpeg(pixels))
+        self._remember(key, _jpeg(self.searcher.database_image(item, bits)))
       self._thumbnails.move_to_end(key)
       return self._thumbnails[key]
-
-  def _image_of(self, index, item) -> np.ndarray:
-    path = index.paths[item]
-    if path and os.path.isfile(path):
-      return cache_lib.load_image(path, self.searcher.run.size)
-    return self.searcher.database_image(item)  # same training images in every index
 
   def _remember(self, key, value) -> None:
     self._thumbnails[key] = value
@@ -156,9 +144,8 @@ class SearchService:
     test = self._test()
     i = (rng or random).randrange(len(test["labels"]))
     label = int(test["labels"][i])
-    names = self.class_names()
     return {"id": i, "image_url": f"/api/queries/{i}", "label": label,
-            "class_name": names[label] if 0 <= label < len(names) else ""}
+            "class_name": self.searcher.class_name(label)}
 
   def query_image(self, i) -> bytes:
     """The file bytes (or a PNG) of test-split image `i`."""
