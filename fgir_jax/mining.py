@@ -512,7 +512,8 @@ def _pick(x, rank, count, lo, hi, c_lo, c_hi):
   sign = jnp.where(from_hi, -1.0, 1.0)[:, None]
   bound = jnp.where(from_hi, -_float_bound(hi), _float_bound(lo - 1))[:, None]
   y = x * sign
-  value = jnp.min(jnp.where((y > bound) | ((y == bound) & (sign < 0)), y, jnp.inf), axis=1)
+  inside = jnp.where(from_hi[:, None], y >= bound, y > bound)
+  value = jnp.min(jnp.where(inside, y, jnp.inf), axis=1)
   at = y == value[:, None]
   copies = jnp.sum(at.astype(jnp.float32), axis=1)
   col = jnp.sum(jnp.where(at, iota, 0.0), axis=1).astype(jnp.int32)  # right when copies == 1
