@@ -11,36 +11,26 @@ the test split against the train split, at each code length.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fgir_jax import data, metrics, models
+from fgir_jax import metrics
 from fgir_jax.data import batching
 from fgir_jax.train import inference
 from fgir_jax.train import stage2
+import pretrained_cub  # bench/pretrained_cub.py
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--root", required=True, help="a CUB_200_2011 folder (or one holding it)")
-  parser.add_argument("--backbone", default="efficientnet_lite0", choices=models.BACKBONES)
-  parser.add_argument("--pretrained", default=None, help="weights file; default the standard one")
-  parser.add_argument("--size", type=int, default=224)
+  parser = pretrained_cub.parser(__doc__.splitlines()[0])
   parser.add_argument("--bits", default="16,64")
   parser.add_argument("--loss", default="adaptive", choices=stage2.LOSSES)
-  parser.add_argument("--cache", default="runs/probe_saliency_cache")
   args = parser.parse_args()
 
-  ds = data.read_cub(args.root)
-  images = data.cached_images(ds, args.size, args.cache, progress=True).images
-  net = models.RetrievalNet(None, enhance=False, backbone=args.backbone)
-  variables = models.load_imagenet(
-      net.init(jax.random.key(0), jnp.zeros((1, args.size, args.size, 3))),
-      backbone=args.backbone, path=args.pretrained)
+  ds, images, net, variables = pretrained_cub.load(args)
   start = time.perf_counter()
   feats = inference.run_network(net, variables, batching.DeviceInput(images, ds.labels),
                                 batch_size=64)["pooled"]

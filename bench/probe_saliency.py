@@ -14,35 +14,23 @@ is then an honest estimate.
 
 from __future__ import annotations
 
-import argparse
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from fgir_jax import data, models, saliency
+from fgir_jax import saliency
 from fgir_jax.data import batching
 from fgir_jax.train import inference
+import pretrained_cub  # bench/pretrained_cub.py
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--root", required=True, help="a CUB_200_2011 folder (or one holding it)")
-  parser.add_argument("--backbone", default="efficientnet_lite0", choices=models.BACKBONES)
-  parser.add_argument("--pretrained", default=None, help="weights file; default the standard one")
-  parser.add_argument("--size", type=int, default=224)
-  parser.add_argument("--cache", default="runs/probe_saliency_cache")
+  parser = pretrained_cub.parser(__doc__.splitlines()[0])
   parser.add_argument("--alphas", default="0.3,0.35,0.4,0.45,0.5,0.55,0.6,0.65")
   parser.add_argument("--margins", default="0,0.05,0.1")
   args = parser.parse_args()
 
-  ds = data.read_cub(args.root)
-  images = data.cached_images(ds, args.size, args.cache, progress=True).images
-  net = models.RetrievalNet(None, enhance=False, backbone=args.backbone)
-  variables = models.load_imagenet(
-      net.init(jax.random.key(0), jnp.zeros((1, args.size, args.size, 3))),
-      backbone=args.backbone, path=args.pretrained)
+  ds, images, net, variables = pretrained_cub.load(args)
   inputs = batching.DeviceInput(images, ds.labels)
   tr = ds.is_train
   print(f"{ds.name}: {len(ds.labels)} images ({tr.sum()} train), {args.backbone} at {args.size} px")
