@@ -28,6 +28,13 @@ which both modes use:
   query plus O(sqrt(n_relevant * n_db * levels)), instead of a sort's
   O(n_db log n_db), and it is exact.
 
+`method="sort"` computes the same values from a sort of each query's
+distances instead (one int32 key, distance and database index, per item):
+the ranks of the relevant items are their positions, and the level
+histograms the boundaries between distances. `_METHOD_BY_BACKEND` names the
+default on each backend (bench/bench_gpu.py measured them), and chunks are
+sized per backend too: CPU chunks stay in cache, GPU chunks are large.
+
 The functions here are host-side drivers (they return Python floats or NumPy
 arrays) and cannot be called under `jax.jit`; `accuracy` is the exception.
 """
@@ -41,19 +48,27 @@ import operator
 import numpy as np
 import jax
 import jax.numpy as jnp
+from jax import lax
 from scipy import special  # a dependency of jax itself
 
+from fgir_jax import _backend
 from fgir_jax import _validate
 from fgir_jax import codes as codes_lib
 from fgir_jax import parallel
 
 TIES = ("stable", "average")
+# "scatter": histograms by scatter-add (see above); "sort": from sorted keys.
+METHODS = ("scatter", "sort")
+_METHOD_BY_BACKEND = {"cpu": "scatter", "gpu": "scatter"}
 
-# Working set of one chunk, in 4-byte elements (8 MiB): chunks that stay in
-# the CPU caches measured 2-4x faster than 128 MiB ones.
-_CHUNK_ELEMENTS = 1 << 21
-_MAX_CHUNK = 1024
+# Working set of one chunk, in 4-byte elements, and its most queries: on a CPU
+# 8 MiB (chunks that stay in the caches measured 2-4x faster than 128 MiB
+# ones); on a GPU 512 MiB, few large launches.
+_CHUNK_ELEMENTS = {"cpu": 1 << 21, "gpu": 1 << 27}
+_MAX_CHUNK = {"cpu": 1024, "gpu": 8192}
 _NO_RANK = np.iinfo(np.int32).max  # rank of a padding slot: after every real one
+# The sort method packs (distance, index) into one int32 key below this.
+_ONE_KEY_LIMIT = 2**31
 
 
 # ----------------------------------------------------------------------------
@@ -62,7 +77,7 @@ _NO_RANK = np.iinfo(np.int32).max  # rank of a padding slot: after every real on
 
 
 def mean_average_precision(q_codes, q_labels, db_codes, db_labels, topk=None, ties="stable",
-                           *, chunk_size=None, mesh=None) -> float:
+                           *, chunk_size=None, mesh=None, method=None) -> float:
   """Mean average precision over a Hamming ranking of the database.
 
   Args:
@@ -87,32 +102,33 @@ def mean_average_precision(q_codes, q_labels, db_codes, db_labels, topk=None, ti
     mesh: a `jax.sharding.Mesh` (fgir_jax.parallel.data_mesh): each chunk's
       queries are split over its devices, the database replicated on each.
       Same values as without it.
+    method: None (the backend's fastest) or one of `METHODS`; same values.
   Returns:
     The mean over the queries that have at least one relevant item in the
     database (queries without any are left out), as a Python float; NaN when
     no query has a relevant item.
   """
   aps = average_precisions(q_codes, q_labels, db_codes, db_labels, topk=topk, ties=ties,
-                           chunk_size=chunk_size, mesh=mesh)
+                           chunk_size=chunk_size, mesh=mesh, method=method)
   return _mean_over_defined(aps)
 
 
 def average_precisions(q_codes, q_labels, db_codes, db_labels, topk=None, ties="stable",
-                       *, chunk_size=None, mesh=None) -> np.ndarray:
+                       *, chunk_size=None, mesh=None, method=None) -> np.ndarray:
   """Per-query average precision; see `mean_average_precision` for the arguments.
 
   Returns:
     (n_q,) float64; NaN for a query with no relevant item in the database.
   """
   problem = _prepare(q_codes, q_labels, db_codes, db_labels, ties=ties, chunk_size=chunk_size,
-                     k=topk, k_name="topk", k_optional=True, mesh=mesh)
+                     k=topk, k_name="topk", k_optional=True, mesh=mesh, method=method)
   if ties == "stable":
     return _stable_scores(problem, functools.partial(_stable_ap, topk=problem.k))
   return _average_scores(problem, functools.partial(_tie_aware_ap, topk=problem.k))
 
 
 def precision_at_k(q_codes, q_labels, db_codes, db_labels, k, ties="stable",
-                   *, chunk_size=None, mesh=None) -> float:
+                   *, chunk_size=None, mesh=None, method=None) -> float:
   """Mean precision in the first k items of the Hamming ranking.
 
   Arguments as for `mean_average_precision`; k is a positive int, and a k
@@ -125,7 +141,7 @@ def precision_at_k(q_codes, q_labels, db_codes, db_labels, k, ties="stable",
     when there are none.
   """
   problem = _prepare(q_codes, q_labels, db_codes, db_labels, ties=ties, chunk_size=chunk_size,
-                     k=k, k_name="k", k_optional=False, mesh=mesh)
+                     k=k, k_name="k", k_optional=False, mesh=mesh, method=method)
   k = min(problem.k, problem.n_db)
   if ties == "stable":
     scores = _stable_scores(problem, functools.partial(_stable_precision, k=k))
@@ -189,7 +205,8 @@ class _Problem:
     levels: number of possible distances, 8 * bytes + 1.
   """
 
-  def __init__(self, q_bytes, db_bytes, q_labels, db_labels, k, chunk_size, mesh=None):
+  def __init__(self, q_bytes, db_bytes, q_labels, db_labels, k, chunk_size, mesh=None,
+               method="scatter"):
     self.q_words = codes_lib.as_words(q_bytes)
     self.db_words = jnp.asarray(codes_lib.as_words(db_bytes))
     self.n_q, self.n_db = q_bytes.shape[0], db_bytes.shape[0]
@@ -197,6 +214,7 @@ class _Problem:
     self.k = k
     self.chunk_size = chunk_size
     self.mesh = mesh
+    self.method = method
     classes, db_class = np.unique(db_labels, return_inverse=True)
     pos = np.clip(np.searchsorted(classes, q_labels), 0, len(classes) - 1)
     found = classes[pos] == q_labels
@@ -207,9 +225,10 @@ class _Problem:
 
 
 def _prepare(q_codes, q_labels, db_codes, db_labels, *, ties, chunk_size, k, k_name, k_optional,
-             mesh=None):
+             mesh=None, method=None):
   """Every argument check, cheapest first, then packing and label ids."""
   _validate.check_choice(ties, TIES, "ties")
+  method = _backend.choose(method, METHODS, _METHOD_BY_BACKEND)
   k = _check_k(k, k_name, k_optional)
   if chunk_size is not None:
     chunk_size = _check_k(chunk_size, "chunk_size", optional=False)
@@ -220,7 +239,7 @@ def _prepare(q_codes, q_labels, db_codes, db_labels, *, ties, chunk_size, k, k_n
   q_bytes, db_bytes, _ = codes_lib.pack_pair(q_codes, db_codes)
   q_labels = np.asarray(q_labels).astype(np.int64)
   db_labels = np.asarray(db_labels).astype(np.int64)
-  return _Problem(q_bytes, db_bytes, q_labels, db_labels, k, chunk_size, mesh)
+  return _Problem(q_bytes, db_bytes, q_labels, db_labels, k, chunk_size, mesh, method)
 
 
 def _check_k(value, name, optional):
@@ -245,7 +264,9 @@ def _mean_over_defined(scores: np.ndarray) -> float:
 def _chunk_rows(problem: _Problem, per_query_elements: int) -> int:
   """Queries per chunk: the user's choice, else from the memory budget, balanced
   so the padded last chunk wastes little."""
-  cap = problem.chunk_size or max(1, min(_MAX_CHUNK, _CHUNK_ELEMENTS // per_query_elements))
+  where = _backend.backend() if _backend.backend() in _CHUNK_ELEMENTS else "cpu"
+  cap = problem.chunk_size or max(1, min(_MAX_CHUNK[where],
+                                         _CHUNK_ELEMENTS[where] // per_query_elements))
   cap = min(cap, problem.n_q)
   rows = -(-problem.n_q // -(-problem.n_q // cap))
   return parallel.padded_rows(rows, problem.mesh)  # every device gets the same share
@@ -306,12 +327,26 @@ def _bincount(keys, length):
   return jnp.zeros((length,), jnp.int32).at[keys].add(1, mode="promise_in_bounds")
 
 
+@functools.partial(jax.jit, static_argnames=("levels",))
+def _level_histograms_by_sort(q_words, q_class, db_words, db_class, *, levels):
+  """`_level_histograms` from each query's sorted keys 2 * distance + relevant:
+  the histogram is the differences between the boundaries of equal keys."""
+  d = codes_lib.hamming_distances(q_words, db_words)
+  relevant = (db_class[None, :] == q_class[:, None]).astype(jnp.int32)
+  keys = jnp.sort(2 * d + relevant, axis=1)
+  edges = jnp.arange(2 * levels + 1, dtype=jnp.int32)
+  bounds = jax.vmap(lambda row: jnp.searchsorted(row, edges, side="left"))(keys)
+  hist = jnp.diff(bounds, axis=1).astype(jnp.int32).reshape(-1, levels, 2)
+  return hist.sum(-1), hist[..., 1]
+
+
 def _average_scores(problem: _Problem, score_fn) -> np.ndarray:
   """Per-query scores from the level histograms; NaN without relevant items."""
   rows = _chunk_rows(problem, 3 * problem.n_db + 4 * problem.levels)
   database = (problem.db_words, jnp.asarray(problem.db_class))
+  histograms = _level_histograms_by_sort if problem.method == "sort" else _level_histograms
   # With a mesh, each chunk's queries are split over the devices.
-  kernel = parallel.shard_rows(_level_histograms, problem.mesh, 2, 2, levels=problem.levels)
+  kernel = parallel.shard_rows(histograms, problem.mesh, 2, 2, levels=problem.levels)
   out = np.full(problem.n_q, np.nan)
   for start, stop, (counts, relevant) in _chunks(kernel, rows, [problem.q_words, problem.q_class],
                                                    database):
@@ -451,6 +486,32 @@ def _stable_ranks(q_words, q_first, q_count, db_words, by_class, *, levels, bloc
   return jnp.sort(jnp.where(valid, rank, _NO_RANK), axis=1)
 
 
+@functools.partial(jax.jit, static_argnames=("levels", "max_relevant"))
+def _stable_ranks_by_sort(q_words, q_class, db_words, db_class, *, levels, max_relevant):
+  """`_stable_ranks` from a stable sort of each query's distances.
+
+  Args:
+    q_words: (B, words) uint32; q_class: (B,) int32 (-1: no relevant item).
+    db_words: (n_db, words) uint32; db_class: (n_db,) int32.
+  Returns:
+    (B, max_relevant) int32 ranks, ascending, padded with INT32_MAX.
+  """
+  n_db = db_words.shape[0]
+  d = codes_lib.hamming_distances(q_words, db_words)
+  index = lax.broadcasted_iota(jnp.int32, d.shape, 1)
+  shift = max(1, (n_db - 1).bit_length())
+  if levels << shift < _ONE_KEY_LIMIT:  # one int32 key (distance, index): a one-operand sort
+    item = jnp.sort((d << shift) | index, axis=1) & ((1 << shift) - 1)
+  else:
+    item = lax.sort((d, index), dimension=1, num_keys=1, is_stable=True)[1]
+  relevant = _gather(jnp.broadcast_to(db_class, d.shape), item) == q_class[:, None]
+  # The j-th relevant item in ranking order goes to slot j; the rest are dropped.
+  slot = jnp.where(relevant, jnp.cumsum(relevant, axis=1, dtype=jnp.int32) - 1, max_relevant)
+  row = lax.broadcasted_iota(jnp.int32, d.shape, 0)
+  out = jnp.full((d.shape[0], max_relevant), _NO_RANK, jnp.int32)
+  return out.at[row, slot].set(index + 1, mode="drop")
+
+
 def _gather(x, index):
   """take_along_axis on axis 1 for indices that are in bounds by construction
   (no clamping or fill code: simpler HLO, faster compile)."""
@@ -483,23 +544,38 @@ def _stable_scores(problem: _Problem, score_fn) -> np.ndarray:
   max_relevant = int(problem.n_relevant.max())
   if max_relevant == 0:
     return out
-  levels, n_db = problem.levels, problem.n_db
-  blocks = _block_count(n_db, levels, max_relevant)
-  size = -(-n_db // blocks)
-  per_query = 3 * n_db + 2 * levels * blocks + 2 * max_relevant * size + 4 * max_relevant
-  rows = _chunk_rows(problem, per_query)
-  by_class = np.argsort(problem.db_class, kind="stable").astype(np.int32)
-  first = (np.cumsum(problem.class_size) - problem.class_size).astype(np.int32)
-  q_first = np.where(problem.q_class >= 0, first[problem.q_class], 0).astype(np.int32)
+  plan = _sorted_ranks_plan if problem.method == "sort" else _histogram_ranks_plan
+  rows, kernel, per_query, database = plan(problem, max_relevant)
   q_count = problem.n_relevant.astype(np.int32)
-  database = (problem.db_words, jnp.asarray(by_class))
-  kernel = parallel.shard_rows(_stable_ranks, problem.mesh, 3, 2, levels=levels, blocks=blocks,
-                               max_relevant=max_relevant)
-  per_query = [problem.q_words, q_first, q_count]
   for start, stop, ranks in _chunks(kernel, rows, per_query, database):
     out[start:stop] = score_fn(ranks[:stop - start].astype(np.float64), q_count[start:stop])
   out[problem.n_relevant == 0] = np.nan
   return out
+
+
+def _histogram_ranks_plan(problem: _Problem, max_relevant: int):
+  """(queries per chunk, kernel, per-query arrays, database) of `_stable_ranks`."""
+  levels, n_db = problem.levels, problem.n_db
+  blocks = _block_count(n_db, levels, max_relevant)
+  size = -(-n_db // blocks)
+  per_query = 3 * n_db + 2 * levels * blocks + 2 * max_relevant * size + 4 * max_relevant
+  by_class = np.argsort(problem.db_class, kind="stable").astype(np.int32)
+  first = (np.cumsum(problem.class_size) - problem.class_size).astype(np.int32)
+  q_first = np.where(problem.q_class >= 0, first[problem.q_class], 0).astype(np.int32)
+  kernel = parallel.shard_rows(_stable_ranks, problem.mesh, 3, 2, levels=levels, blocks=blocks,
+                               max_relevant=max_relevant)
+  return (_chunk_rows(problem, per_query), kernel,
+          [problem.q_words, q_first, problem.n_relevant.astype(np.int32)],
+          (problem.db_words, jnp.asarray(by_class)))
+
+
+def _sorted_ranks_plan(problem: _Problem, max_relevant: int):
+  """(queries per chunk, kernel, per-query arrays, database) of `_stable_ranks_by_sort`."""
+  kernel = parallel.shard_rows(_stable_ranks_by_sort, problem.mesh, 2, 2, levels=problem.levels,
+                               max_relevant=max_relevant)
+  return (_chunk_rows(problem, 5 * problem.n_db + max_relevant), kernel,
+          [problem.q_words, problem.q_class],
+          (problem.db_words, jnp.asarray(problem.db_class)))
 
 
 def _stable_ap(ranks, n_relevant, topk):

@@ -34,7 +34,10 @@ built in the graph by one stable argsort, at the narrowest of a few static
 widths that holds the largest class, picked at run time by `lax.switch`
 (`_TRACED_WIDTHS`); classes wider than all of them count over the whole row.
 Every path gives the same triplets, and a user's jit runs at the speed of
-concrete labels.
+concrete labels. Two other selections give the same columns, `method="sort"`
+(a stable sort of each row) and `method="top_k"` (`lax.top_k` with k the
+widest window); `_METHOD_BY_BACKEND` names the default on each backend, and on
+a GPU the blocks are as large as `_BLOCK_BYTES` allows (bench/bench_gpu.py).
 
 `hard_triplets_from_embeddings` never builds the n x n matrix: anchors go in
 blocks through a `lax.fori_loop`, each block computing its (block, n) distances
@@ -54,15 +57,25 @@ import jax.numpy as jnp
 from jax import lax
 from jax.scipy.special import ndtri
 
+from fgir_jax import _backend
 from fgir_jax import _validate
 from fgir_jax import losses
 from fgir_jax import parallel
 
-# Rows of distances that one selection sub-block may hold: the count passes
-# then run in cache (2 MiB L2 per core here). Smaller blocks also wait less
-# for their slowest row. Measured on CPU: 16-64 rows at n = 6,000 were equal,
-# and at n = 100,000 8 rows took ~0.55x the time of 128.
-_CACHE_BYTES = 1 << 20
+# Bytes of distance rows that one selection block may hold. On a CPU the
+# count passes then run in cache (2 MiB L2 per core here), and smaller blocks
+# wait less for their slowest row (measured: 16-64 rows at n = 6,000 were
+# equal, and at n = 100,000 8 rows took ~0.55x the time of 128). A GPU wants
+# few, large launches instead.
+_BLOCK_BYTES = {"cpu": 1 << 20, "gpu": 1 << 28}
+
+# How the r-th closest negative (and a wide positive window) is selected:
+# "count" (bracketing count passes, see `_select_rank`), "sort" (a stable
+# sort of each row) or "top_k" (`lax.top_k` with k the widest window). All
+# three give the same triplets; the table says which runs where by default,
+# from bench/bench_gpu.py's measurements.
+METHODS = ("count", "sort", "top_k")
+_METHOD_BY_BACKEND = {"cpu": "count", "gpu": "count"}
 
 
 # False-position steps before the selection falls back to bisection; rows
@@ -81,7 +94,7 @@ _TOP_K_LIMIT = 64
 # ----------------------------------------------------------------------------
 # Public API.
 # ----------------------------------------------------------------------------
-def hard_triplets(key, dist, labels, beta=0.5, neg_factor=0.1, *, mesh=None):
+def hard_triplets(key, dist, labels, beta=0.5, neg_factor=0.1, *, mesh=None, method=None):
   """Eq. 4: one hard triplet per anchor from a distance matrix.
 
   Args:
@@ -99,6 +112,8 @@ def hard_triplets(key, dist, labels, beta=0.5, neg_factor=0.1, *, mesh=None):
   w_n = max(1, floor(N_num * beta * neg_factor)), in float64 arithmetic.
   mesh: a `jax.sharding.Mesh` (fgir_jax.parallel.data_mesh) splits the
   anchors over its devices; the triplets are the same.
+  method: None (the backend's fastest, see `METHODS`) or "count", "sort",
+    "top_k": how each row's r-th element is selected; the triplets are the same.
   """
   key = _check_key(key)
   shape = _validate.check_ndim(dist, 2, "dist", "a 2-d (n, n) distance matrix")
@@ -108,14 +123,16 @@ def hard_triplets(key, dist, labels, beta=0.5, neg_factor=0.1, *, mesh=None):
   if n == 0:
     raise ValueError("dist is empty; give the distances of at least one point.")
   _validate.check_labels(labels, n)
-  plan, k_pos = _plan(labels, n, beta, neg_factor)
+  method = _backend.choose(method, METHODS, _METHOD_BY_BACKEND)
+  plan, k_pos, k_neg = _plan(labels, n, beta, neg_factor)
   block = _sub_block(n)
-  return _mine(key, _as_float(dist), *plan, k_pos=k_pos, block=block, sub=block, metric=None,
-               mesh=mesh)
+  return _mine(key, _as_float(dist), *plan, k_pos=k_pos, k_neg=k_neg, block=block, sub=block,
+               metric=None, method=method, mesh=mesh)
 
 
 def hard_triplets_from_embeddings(key, embeddings, labels, beta=0.5, neg_factor=0.1,
-                                  metric="euclidean", block_size=128, *, mesh=None):
+                                  metric="euclidean", block_size=None, *, mesh=None,
+                                  method=None):
   """Eq. 4 straight from embeddings, without the (n, n) matrix: memory O(block_size * n).
 
   Gives the triplets of `hard_triplets(key, losses.pairwise_distances(
@@ -131,9 +148,11 @@ def hard_triplets_from_embeddings(key, embeddings, labels, beta=0.5, neg_factor=
     metric: "euclidean", "sqeuclidean" or "cosine", as in
       `losses.pairwise_distances`.
     block_size: anchors per block (>= 8); each block holds a few
-      (block_size, n) float32 arrays, e.g. ~50 MB each at 100,000 points.
+      (block_size, n) float32 arrays. None: 128 on a CPU (~50 MB each at
+      100,000 points), about 256 MiB worth of rows on a GPU.
     mesh: as in `hard_triplets`: anchors split over the devices, embeddings
       replicated on each.
+    method: as in `hard_triplets`.
   Returns:
     (triplets (n, 3) int32, valid (n,) bool), as `hard_triplets`.
   """
@@ -144,13 +163,16 @@ def hard_triplets_from_embeddings(key, embeddings, labels, beta=0.5, neg_factor=
     raise ValueError("embeddings is empty; give at least one embedding.")
   _validate.check_labels(labels, n)
   _validate.check_choice(metric, losses.METRICS, "metric")
+  if block_size is None:
+    block_size = 128 if _backend.backend() == "cpu" else max(8, _sub_block(n))
   if not isinstance(block_size, (int, np.integer)) or block_size < 8:
-    raise ValueError(f"block_size must be an integer >= 8, got {block_size!r}.")
-  plan, k_pos = _plan(labels, n, beta, neg_factor)
+    raise ValueError(f"block_size must be an integer >= 8 or None, got {block_size!r}.")
+  method = _backend.choose(method, METHODS, _METHOD_BY_BACKEND)
+  plan, k_pos, k_neg = _plan(labels, n, beta, neg_factor)
   emb = losses._as_float(embeddings)  # distances in its dtype, ranked in float32
   block = min(int(block_size), n)
-  return _mine(key, emb, *plan, k_pos=k_pos, block=block, sub=min(_sub_block(n), block),
-               metric=metric, mesh=mesh)
+  return _mine(key, emb, *plan, k_pos=k_pos, k_neg=k_neg, block=block,
+               sub=min(_sub_block(n), block), metric=metric, method=method, mesh=mesh)
 
 
 def window_sizes(labels, beta=0.5, neg_factor=0.1):
@@ -162,8 +184,8 @@ def window_sizes(labels, beta=0.5, neg_factor=0.1):
   """
   shape = _validate.check_ndim(labels, 1, "labels", "a 1-d array of integer class ids")
   _validate.check_labels(labels, shape[0])
-  (_, n_pos, n_neg, _, wp_table, wn_table), _ = _plan(np.asarray(labels), shape[0], beta,
-                                                     neg_factor)
+  (_, n_pos, n_neg, _, wp_table, wn_table), _, _ = _plan(np.asarray(labels), shape[0], beta,
+                                                        neg_factor)
   return n_pos, n_neg, wp_table[n_pos], wn_table[n_neg]
 
 
@@ -171,7 +193,9 @@ def window_sizes(labels, beta=0.5, neg_factor=0.1):
 # Host-side plan: class ids, counts, class table and window lookup tables.
 # ----------------------------------------------------------------------------
 def _plan(labels, n, beta, neg_factor):
-  """((cls, n_pos, n_neg, table, wp_table, wn_table), k_pos) for `_mine`.
+  """((cls, n_pos, n_neg, table, wp_table, wn_table), k_pos, k_neg) for `_mine`.
+
+  k_neg is the widest negative window (static: the k of the "top_k" method).
 
   Concrete labels: dense class ids, counts and a (classes, max class size)
   member table, all from NumPy. Traced labels: the raw labels and None for the
@@ -188,7 +212,7 @@ def _plan(labels, n, beta, neg_factor):
     # table in the graph and picks one of these static widths for it.
     widths = tuple(w for w in _TRACED_WIDTHS if w < n)
     return ((_validate.as_int_labels(labels), None, None, None, wp_table, wn_table),
-            tuple((w, int(wp_table[w - 1])) for w in widths))
+            tuple((w, int(wp_table[w - 1])) for w in widths), int(wn_table[n - 1]))
   _, cls, sizes = np.unique(np.asarray(labels), return_inverse=True, return_counts=True)
   cls = cls.reshape(-1).astype(np.int32)
   n_pos = (sizes[cls] - 1).astype(np.int32)
@@ -198,24 +222,29 @@ def _plan(labels, n, beta, neg_factor):
   table = np.full((sizes.shape[0], sizes.max()), -1, np.int32)
   table[cls[order], np.arange(n) - starts[cls[order]]] = order
   k_pos = int(wp_table[n_pos.max()])  # the widest positive window, static for top_k
-  return (cls, n_pos, n_neg, table, wp_table, wn_table), k_pos
+  k_neg = int(wn_table[n_neg.max()])
+  return (cls, n_pos, n_neg, table, wp_table, wn_table), k_pos, k_neg
 
 
 # ----------------------------------------------------------------------------
 # The jitted miner.
 # ----------------------------------------------------------------------------
 def _sub_block(n):
-  """Anchors per selection block: a power of two in [8, 256], at most n.
+  """Anchors per selection block, at most n: on a CPU a power of two in [8, 256].
 
   Fewer, larger blocks pay the per-step overhead of the selection loop less
-  often, which dominates below ~2,000 points (n = 256: 0.84 -> 0.76 ms)."""
-  rows = 1 << max(3, min(8, (_CACHE_BYTES // (4 * n)).bit_length() - 1))
-  return min(rows, n)
+  often, which dominates below ~2,000 points on a CPU (n = 256: 0.84 -> 0.76
+  ms); on a GPU, blocks fill `_BLOCK_BYTES` (the whole matrix at CUB size)."""
+  budget = _BLOCK_BYTES.get(_backend.backend(), _BLOCK_BYTES["cpu"]) // (4 * n)
+  if _backend.backend() == "cpu":
+    return min(1 << max(3, min(8, budget.bit_length() - 1)), n)
+  return min(max(8, budget), n)
 
 
-@functools.partial(jax.jit, static_argnames=("k_pos", "block", "sub", "metric", "mesh"))
-def _mine(key, source, cls, n_pos, n_neg, table, wp_table, wn_table, *, k_pos, block, sub,
-          metric, mesh=None):
+@functools.partial(jax.jit, static_argnames=("k_pos", "k_neg", "block", "sub", "metric",
+                                             "method", "mesh"))
+def _mine(key, source, cls, n_pos, n_neg, table, wp_table, wn_table, *, k_pos, k_neg, block, sub,
+          metric, method, mesh=None):
   """source: (n, n) distances (metric None) or (n, d) embeddings (metric str)."""
   n = source.shape[0]
   if n_pos is None:  # traced labels: the class table is built here
@@ -227,7 +256,7 @@ def _mine(key, source, cls, n_pos, n_neg, table, wp_table, wn_table, *, k_pos, b
   if metric is not None:
     source = losses._prepare(source, metric, center=jnp.mean(source, axis=0))
   args = (source, cls, table, (rank_p, n_pos), (rank_n, n_neg))
-  static = dict(k_pos=k_pos, block=block, sub=sub, metric=metric)
+  static = dict(k_pos=k_pos, k_neg=k_neg, block=block, sub=sub, metric=metric, method=method)
   if parallel.size(mesh) == 1:
     pos, neg = _mine_rows(0, n, *args, **static)
   else:
@@ -257,8 +286,8 @@ def _mine_sharded(n, args, static, mesh):
   return zeros.at[anchor].set(pos), zeros.at[anchor].set(neg)
 
 
-def _mine_rows(first, count, source, cls, table, positives, negatives, *, k_pos, block, sub,
-               metric):
+def _mine_rows(first, count, source, cls, table, positives, negatives, *, k_pos, k_neg, block,
+               sub, metric, method):
   """(positive, negative) columns of anchors first .. first + count - 1.
 
   first may be traced, count is static; positives / negatives are (rank,
@@ -281,7 +310,8 @@ def _mine_rows(first, count, source, cls, table, positives, negatives, *, k_pos,
     """Writes the positives and negatives of anchors start .. start + len(d) at `local`."""
     take = functools.partial(lax.dynamic_slice_in_dim, start_index=start, slice_size=d.shape[0])
     pos, neg = _select_block(d, start + jnp.arange(d.shape[0]), take(cls), cls, table,
-                             tuple(map(take, positives)), tuple(map(take, negatives)), k_pos)
+                             tuple(map(take, positives)), tuple(map(take, negatives)), k_pos,
+                             k_neg, method)
     return (lax.dynamic_update_slice_in_dim(out[0], pos, local, 0),
             lax.dynamic_update_slice_in_dim(out[1], neg, local, 0))
 
@@ -307,20 +337,21 @@ def _mine_rows(first, count, source, cls, table, positives, negatives, *, k_pos,
   return lax.fori_loop(0, -(-count // block), one_block, (zeros, zeros))
 
 
-def _select_block(d, anchors, cls_rows, cls, table, positives, negatives, k_pos):
+def _select_block(d, anchors, cls_rows, cls, table, positives, negatives, k_pos, k_neg, method):
   """Positive and negative index for each row of d, (b, n) distances of `anchors`.
 
   positives, negatives: (rank, count) pairs, (b,) each; table: the
   (classes, largest class) member table (concrete labels) or a TracedTable.
+  k_neg: the widest negative window.
   """
   other = cls_rows[:, None] != cls[None, :]
-  neg = _select_rank(d, other, *negatives)
+  neg = _select(d, other, *negatives, method=method, k=k_neg)
   if isinstance(table, TracedTable):
-    return _traced_positives(d, anchors, other, table, positives, k_pos), neg
-  return _farthest_member(d, table[cls_rows], anchors, positives, k_pos), neg
+    return _traced_positives(d, anchors, other, table, positives, k_pos, method), neg
+  return _farthest_member(d, table[cls_rows], anchors, positives, k_pos, method), neg
 
 
-def _farthest_member(d, members, anchors, positives, k_pos):
+def _farthest_member(d, members, anchors, positives, k_pos, method):
   """The positive of each row among `members`, (b, w) ascending ids, -1 padded.
 
   Only the anchor's own class, gathered; the window is small, so top_k with
@@ -330,8 +361,8 @@ def _farthest_member(d, members, anchors, positives, k_pos):
   own = (members >= 0) & (members != anchors[:, None])
   # Canonical values, as `_select_rank` ranks them, so every path agrees.
   far = jnp.where(own, _canonical(jnp.take_along_axis(d, safe, axis=1)), -jnp.inf)
-  if k_pos > _TOP_K_LIMIT:  # a wide window: counting beats top_k
-    col = _select_rank(-far, own, *positives)[:, None]
+  if k_pos > _TOP_K_LIMIT:  # a wide window: the row's own selection method
+    col = _select(-far, own, *positives, method=method, k=k_pos)[:, None]
   else:
     _, cols = lax.top_k(far, k_pos)
     col = jnp.take_along_axis(cols, positives[0][:, None], axis=1)
@@ -361,7 +392,7 @@ def _traced_table(labels, widths):
   return TracedTable(order, start, width.astype(jnp.int32)), size
 
 
-def _traced_positives(d, anchors, other, table, positives, widths):
+def _traced_positives(d, anchors, other, table, positives, widths, method):
   """Positives with traced labels: `_farthest_member` at the static width that fits.
 
   `lax.switch` runs only the branch of the narrowest width that holds the
@@ -379,12 +410,13 @@ def _traced_positives(d, anchors, other, table, positives, widths):
       at = start[:, None] + j
       ids = table.order[jnp.minimum(at, n - 1)]
       same = ~jnp.take_along_axis(other, ids, axis=1) & (at < n)
-      return _farthest_member(d, jnp.where(same, ids, -1), anchors, positives, k_pos)
+      return _farthest_member(d, jnp.where(same, ids, -1), anchors, positives, k_pos, method)
     return branch
 
   def whole_row():
     own = ~other & (anchors[:, None] != jnp.arange(n)[None, :])
-    return _select_rank(-_canonical(d), own, *positives)
+    # Any positive window fits in half the row (beta <= 1 of at most n - 1).
+    return _select(-_canonical(d), own, *positives, method=method, k=n)
 
   return lax.switch(table.width, [at_width(w, k) for w, k in widths] + [whole_row])
 
@@ -396,6 +428,45 @@ def _draw_ranks(key, w_p, w_n):
   rank_p = jnp.minimum(jnp.floor(u[0] * w_p).astype(jnp.int32), w_p - 1)
   rank_n = jnp.minimum(jnp.floor(u[1] * w_n).astype(jnp.int32), w_n - 1)
   return rank_p, rank_n
+
+
+# ----------------------------------------------------------------------------
+# Exact rank selection: three ways to the same column.
+# ----------------------------------------------------------------------------
+def _select(values, mask, rank, count, *, method, k):
+  """Column of the rank-th smallest of values[i, mask[i]] per row (see `_select_rank`).
+
+  k: a static bound above every rank (the widest window), for "top_k".
+  """
+  if method == "sort":
+    return _select_by_sort(values, mask, rank)
+  if method == "top_k":
+    return _select_by_top_k(values, mask, rank, k)
+  return _select_rank(values, mask, rank, count)
+
+
+def _order_keys(values, mask):
+  """int32 keys in the canonical order of `_select_rank`, masked-out entries last."""
+  return _to_key(jnp.where(mask, _canonical(values), jnp.inf))
+
+
+def _select_by_sort(values, mask, rank):
+  """A stable sort of each row's keys: equal values stay in column order."""
+  keys = _order_keys(values, mask)
+  columns = lax.broadcasted_iota(jnp.int32, keys.shape, 1)
+  _, order = lax.sort((keys, columns), dimension=1, num_keys=1, is_stable=True)
+  at = jnp.minimum(rank, keys.shape[1] - 1)[:, None]
+  return jnp.take_along_axis(order, at, axis=1)[:, 0]
+
+
+def _select_by_top_k(values, mask, rank, k):
+  """The k smallest keys of each row by `lax.top_k` on their negation, which ranks
+  equal values lower column first; k > every rank."""
+  keys = _order_keys(values, mask)
+  k = max(1, min(int(k), keys.shape[1]))
+  _, columns = lax.top_k(-keys, k)  # keys >= -2^31 + 1: negation cannot overflow
+  at = jnp.minimum(rank, k - 1)[:, None]
+  return jnp.take_along_axis(columns, at, axis=1)[:, 0].astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------

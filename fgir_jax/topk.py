@@ -30,6 +30,11 @@ passes instead:
 3. A final sort of the k winners by the composite key distance * k + rank
    gives the stable order.
 
+`method="top_k"` is the plain alternative: every distance of a database chunk,
+then `lax.top_k` on one int32 key per code (distance, database index), which
+gives the stable order directly; `_METHOD_BY_BACKEND` names the default on
+each backend (bench/bench_gpu.py measured both).
+
 Every step is exact; there is no approximation anywhere. Queries go through
 in chunks of static shape (the last one padded, so a search compiles once per
 shape), and a database bigger than `chunk_size` codes is scanned in chunks
@@ -49,6 +54,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from fgir_jax import _backend
 from fgir_jax import codes as codes_lib
 
 # Largest group, and bound on group size x words at level 1 (its kernel is
@@ -70,12 +76,19 @@ _QUERY_LANES = 8
 # one-program call holds up to this many independent parts.
 _FUSED_ROWS = 8
 _FUSED_PARTS = 4
+# "groups" (group minima and counting, above) or "top_k" (all distances of a
+# chunk, then lax.top_k); the same results.
+METHODS = ("groups", "top_k")
+_METHOD_BY_BACKEND = {"cpu": "groups", "gpu": "groups"}
+# int32 elements of the distances one "top_k" call may hold.
+_TOP_K_WORKSPACE = {"cpu": 1 << 22, "gpu": 1 << 27}
 
 
 
 
 def hamming_topk(q_codes, db_codes, k: int, *, chunk_size: int | None = None,
-                 query_chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 query_chunk: int | None = None,
+                 method: str | None = None) -> tuple[np.ndarray, np.ndarray]:
   """The k database codes nearest to each query in Hamming distance; exact.
 
   Args:
@@ -87,13 +100,14 @@ def hamming_topk(q_codes, db_codes, k: int, *, chunk_size: int | None = None,
     chunk_size: database codes per scanned chunk (default 2**20); per-chunk
       top-k lists are merged, so memory does not grow with the database.
     query_chunk: queries per jitted call (default: from the sizes, up to 512).
+    method: None (the backend's fastest) or one of `METHODS`; same results.
   Returns:
     (distances, indices), each (n_q, min(k, n_db)) int32 NumPy arrays, sorted
     by ascending distance and, within equal distances, by database index.
   """
   k = check_positive(k, "k")
   q_bytes, db_bytes, _ = codes_lib.pack_pair(q_codes, db_codes)
-  db = Database(db_bytes, 8 * db_bytes.shape[1], min(k, db_bytes.shape[0]), chunk_size)
+  db = Database(db_bytes, 8 * db_bytes.shape[1], min(k, db_bytes.shape[0]), chunk_size, method)
   return db.search(q_bytes, query_chunk)
 
 
@@ -138,13 +152,19 @@ class Database:
     size: codes per chunk (padding included).
     n: real codes; padding gets distance bits + 1, which no real code has.
     plan: group size per level (`_plan`).
+    method: the search kernel, one of `METHODS`.
   """
 
-  def __init__(self, packed: np.ndarray, bits: int, k: int, chunk_size: int | None):
+  def __init__(self, packed: np.ndarray, bits: int, k: int, chunk_size: int | None,
+               method: str | None = None):
     self.n, self.bits, self.k = packed.shape[0], bits, k
+    self.method = _backend.choose(method, METHODS, _METHOD_BY_BACKEND)
     if chunk_size is not None:
       chunk_size = check_positive(chunk_size, "chunk_size")
-    n_chunks = -(-self.n // max(chunk_size or _DB_CHUNK, k))
+    chunk_size = chunk_size or _DB_CHUNK
+    if self.method == "top_k":  # (distance, index) keys must fit in an int32
+      chunk_size = min(chunk_size, 1 << (30 - (bits + 1).bit_length()))
+    n_chunks = -(-self.n // max(chunk_size, k))
     size = -(-self.n // n_chunks)
     words = codes_lib.as_words(packed)
     self.plan = _plan(size, k, words.shape[1])
@@ -164,7 +184,10 @@ class Database:
     q_words = codes_lib.as_words(q_bytes)
     n_q = q_words.shape[0]
     fused = n_q <= _FUSED_ROWS or len(self.plan) == 1
-    rows, parts = self._query_rows(n_q, query_chunk, fused)
+    if self.method == "top_k":
+      rows, parts = self._top_k_rows(n_q, query_chunk), 1
+    else:
+      rows, parts = self._query_rows(n_q, query_chunk, fused)
     pending = []  # device results; the host waits only at the end
     for start in range(0, n_q, rows):
       chunk = q_words[start:start + rows]
@@ -191,6 +214,14 @@ class Database:
       parts = _floor_pow2(max(1, min(_FUSED_PARTS, budget // rows, _ceil_pow2(-(-n_q // rows)))))
     return rows * parts, parts
 
+  def _top_k_rows(self, n_q: int, query_chunk: int | None) -> int:
+    """Queries per "top_k" call: their distances to a chunk fit the workspace."""
+    if query_chunk is not None:
+      return check_positive(query_chunk, "query_chunk")
+    where = _backend.backend() if _backend.backend() in _TOP_K_WORKSPACE else "cpu"
+    budget = max(1, _TOP_K_WORKSPACE[where] // self.size)
+    return _floor_pow2(min(budget, _ceil_pow2(n_q), 4096))
+
   def _search_rows(self, q_words, fused: bool, parts: int):
     """One query chunk against every database chunk; sorted (B, k) results.
 
@@ -207,7 +238,9 @@ class Database:
     for c, words in enumerate(self.chunks):
       start = c * self.size
       args = (q_words, words, np.int32(self.n - start))
-      if fused:
+      if self.method == "top_k":
+        found = _direct_topk(*args, k=self.k, bits=self.bits)
+      elif fused:
         found = _fused_chunk_topk(*args, parts=parts, sort=len(self.chunks) == 1, **kw)
       else:
         found = _chunk_topk(_STAGED, *args, **kw)
@@ -215,8 +248,8 @@ class Database:
         best = found
       else:  # earlier chunks hold the lower indices, as _merge needs
         best = _STAGED.merge(*best, found[0], found[1] + np.int32(start), k=self.k, levels=levels)
-    if fused and len(self.chunks) == 1:
-      return best
+    if len(self.chunks) == 1 and (fused or self.method == "top_k"):
+      return best  # already sorted
     return _STAGED.sort_by_distance(*best, bits=self.bits)
 
 
@@ -436,3 +469,20 @@ def _fused_chunk_topk(q_words, words, n_valid, *, plan, k, bits, parts, sort):
   dist, idx = (jnp.concatenate(x) for x in zip(*found))
   return _sort_by_distance(dist, idx, bits=bits) if sort else (dist, idx)
 
+
+
+@functools.partial(jax.jit, static_argnames=("k", "bits"))
+def _direct_topk(q_words, words, n_valid, *, k, bits):
+  """The "top_k" method on one chunk: (B, k) distances and indices, sorted.
+
+  Each code's key is distance << shift | index, so the k smallest keys are the
+  k nearest codes in the stable order; `lax.top_k` takes the largest of the
+  negated keys. Padding codes get distance bits + 1.
+  """
+  flat = words.reshape(-1, words.shape[-1])
+  d = codes_lib.hamming_distances(q_words, flat)
+  index = lax.broadcasted_iota(jnp.int32, d.shape, 1)
+  shift = max(1, (flat.shape[0] - 1).bit_length())
+  key = (jnp.where(index < n_valid, d, bits + 1) << shift) | index
+  key = -lax.top_k(-key, k)[0]
+  return key >> shift, key & ((1 << shift) - 1)

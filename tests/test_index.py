@@ -105,12 +105,31 @@ def test_topk_across_group_levels_and_chunks():
   np.testing.assert_array_equal(np.stack(one), np.stack(ref)[:, :1])
 
 
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_every_method_and_backend_sizing_match_brute_force(monkeypatch, backend):
+  # The search runs by group minima or by lax.top_k on (distance, index) keys,
+  # sized for a CPU or a GPU, whichever the backend's table picks; every
+  # combination returns the brute-force neighbours in the stable order: ties
+  # by index, across database chunks, one query and many, long codes too.
+  monkeypatch.setattr(topk._backend, "backend", lambda: backend)
+  cases = [(random_bits(1, 9, 8), random_bits(2, 500, 8), 37, 64),
+           (random_bits(3, 300, 8), random_bits(4, 700, 8), 10, None),
+           (random_bits(5, 1, 16), random_bits(6, 300, 16), 5, None),
+           (random_bits(7, 3, 1024), random_bits(8, 40, 1024), 50, None)]
+  for method in topk.METHODS:
+    for q, db, k, chunk_size in cases:
+      found = hamming_topk(q, db, k, chunk_size=chunk_size, method=method)
+      np.testing.assert_array_equal(np.stack(found), np.stack(brute_force(q, db, k)), method)
+
+
 def test_topk_rejects_bad_arguments():
   q, db = random_bits(7, 2, 16), random_bits(8, 20, 16)
   with pytest.raises(ValueError, match="k must be a positive integer"):
     hamming_topk(q, db, 0)
   with pytest.raises(ValueError, match="16 bits but db_codes has 12"):
     hamming_topk(q, db[:, :12], 3)
+  with pytest.raises(ValueError, match="method must be one of 'groups', 'top_k'"):
+    hamming_topk(q, db, 3, method="heap")
 
 
 # ----------------------------------------------------------------------------

@@ -149,6 +149,38 @@ def test_stable_matches_sorted_ranking_with_many_blocks(topk):
   assert got.shape == (23,) and not np.isnan(got).any()
 
 
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_every_method_and_backend_chunking_match_the_references(monkeypatch, backend):
+  # mAP and precision@k run by scatter-add histograms or from sorted keys, in
+  # CPU- or GPU-sized chunks, whichever the backend's table picks; every
+  # combination gives the references' values ("gpu" forces its chunking here).
+  monkeypatch.setattr(metrics._backend, "backend", lambda: backend)
+  tied = random_problem(3, n_q=6, n_db=200, bits=2, classes=3)  # groups of ~50: exact rationals
+  d = hamming_np(tied[0], tied[2])
+  for method in metrics.METHODS:
+    for topk in (None, 5, 120):
+      for ties, (q, ql, db, dl) in (("average", TINY), ("stable", TINY), ("stable", SMALL)):
+        got = metrics.average_precisions(q, ql, db, dl, topk=topk, ties=ties, method=method)
+        np.testing.assert_allclose(got, ref_aps(q, ql, db, dl, topk, ties), rtol=1e-12,
+                                   atol=1e-12, err_msg=f"{method} {ties} {topk}")
+        got = metrics.precision_at_k(q, ql, db, dl, k=7, ties=ties, method=method)
+        np.testing.assert_allclose(got, np.nanmean(ref_precisions(q, ql, db, dl, 7, ties)),
+                                   rtol=1e-12)
+      got = metrics.average_precisions(*tied, topk=topk, ties="average", method=method)
+      want = [exact_tie_aware_ap(d[i], tied[3] == tied[1][i], topk) for i in range(6)]
+      np.testing.assert_allclose(got, want, rtol=1e-9)
+
+
+def test_sort_method_with_two_sort_keys(monkeypatch):
+  # Long codes over a big database do not fit (distance, index) in one int32
+  # key; the sort method then sorts the two as a pair, with the same ranks.
+  q, ql, db, dl = SMALL
+  want = metrics.average_precisions(q, ql, db, dl, method="scatter")
+  monkeypatch.setattr(metrics, "_ONE_KEY_LIMIT", 1)
+  got = metrics.average_precisions(q, ql, db, dl, method="sort", chunk_size=5)
+  np.testing.assert_allclose(got, want, rtol=1e-14)
+
+
 @pytest.mark.parametrize("topk", [None, 37, 120])
 def test_large_tie_groups(topk):
   # 2-bit codes: 3 groups of ~100 items, beyond enumeration; "average" is
@@ -399,6 +431,7 @@ def _args():
     (dict(db_codes=np.array([[0, -1, 1]] * 7)), r"db_codes mixes 0 and -1"),
     (dict(q_codes=np.zeros((0, 3))), r"q_codes is empty"),
     (dict(ties="random"), r"ties must be one of 'stable', 'average', got 'random'"),
+    (dict(method="radix"), r"method must be one of 'scatter', 'sort', got 'radix'"),
     (dict(topk=0), r"topk must be None or a positive integer, got 0"),
     (dict(topk=2.5), r"topk must be None or a positive integer"),
     (dict(chunk_size=0), r"chunk_size must be a positive integer"),

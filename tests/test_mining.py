@@ -7,6 +7,7 @@ paper's formula. Over many keys every window position must be drawn and
 nothing outside. Shapes are shared between tests to keep compiles few.
 """
 
+import functools
 import math
 
 import numpy as np
@@ -225,16 +226,42 @@ def test_block_sizes_do_not_change_the_triplets(monkeypatch):
   emb, labels = dataset(seed=2)
   key = jax.random.key(4)
   full = mining.hard_triplets(key, losses.pairwise_distances(emb), labels, 0.5, 0.5)
-  monkeypatch.setattr(mining, "_CACHE_BYTES", 1)
+  monkeypatch.setitem(mining._BLOCK_BYTES, "cpu", 1)
   assert mining._sub_block(len(labels)) == 8
   for result in (mining.hard_triplets(key, losses.pairwise_distances(emb), labels, 0.5, 0.5),
                  mining.hard_triplets_from_embeddings(key, emb, labels, 0.5, 0.5, block_size=20)):
     assert np.array_equal(full[0], result[0]) and np.array_equal(full[1], result[1])
 
 
-def test_select_rank_is_exact_with_ties():
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_every_method_and_backend_block_gives_the_same_triplets(monkeypatch, backend):
+  # The library picks a selection method and block size per backend; every
+  # combination must mine the triplets of the CPU default: concrete and traced
+  # labels, from the matrix and from embeddings, wide positive windows
+  # (_TOP_K_LIMIT 1) and the traced whole-row fallback (a class wider than
+  # every static table width) included. "gpu" forces the GPU's block sizes here.
+  emb, labels = dataset(seed=6)
+  wide = sized_labels(20, n=48)  # > _TRACED_WIDTHS[-1] once those are cut to 16
+  key = jax.random.key(9)
+  dist = losses.pairwise_distances(emb)
+  expected = [mining.hard_triplets(key, dist, lab, 0.5, 0.5) for lab in (labels, wide)]
+  monkeypatch.setattr(mining._backend, "backend", lambda: backend)
+  monkeypatch.setattr(mining, "_TOP_K_LIMIT", 1)
+  monkeypatch.setattr(mining, "_TRACED_WIDTHS", (8, 16))
+  for method in mining.METHODS:
+    for lab, want in zip((labels, wide), expected):
+      traced = jax.jit(lambda k, d, l, m=method: mining.hard_triplets(k, d, l, 0.5, 0.5, method=m))
+      for got in (mining.hard_triplets(key, dist, lab, 0.5, 0.5, method=method),
+                  mining.hard_triplets_from_embeddings(key, emb, lab, 0.5, 0.5, method=method),
+                  traced(key, dist, jnp.asarray(lab))):
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]), method
+
+
+@pytest.mark.parametrize("method", mining.METHODS)
+def test_select_rank_is_exact_with_ties(method):
   # The core of the miner: the rank-th smallest masked entry of each row,
-  # equal values ordered by column, against a stable NumPy sort.
+  # equal values ordered by column, against a stable NumPy sort; by counting,
+  # sorting and top_k alike.
   rng = np.random.default_rng(0)
   values = rng.integers(-3, 4, (40, 300)).astype(np.float32) * 0.25  # many ties, signs
   values[:5] = rng.standard_normal((5, 300)) * 1e3  # wide and distinct
@@ -243,10 +270,13 @@ def test_select_rank_is_exact_with_ties():
   mask = rng.random((40, 300)) < 0.8
   count = mask.sum(1)
   rank = (rng.random(40) * count).astype(np.int32)
-  got = jax.jit(mining._select_rank)(values, mask, rank, count.astype(np.int32))
+  values[7, :3] = [np.nan, np.inf, -np.inf]  # NaN ranks as the largest value
+  select = functools.partial(mining._select, method=method, k=int(rank.max()) + 1)
+  got = jax.jit(select)(values, mask, rank, count.astype(np.int32))
   for i in range(40):
     cols = np.flatnonzero(mask[i])
-    order = cols[np.argsort(values[i, cols], kind="stable")]
+    row = np.nan_to_num(values[i, cols], nan=np.finfo(np.float32).max)
+    order = cols[np.argsort(row, kind="stable")]
     assert got[i] == order[rank[i]], i
 
 
@@ -306,3 +336,5 @@ def test_argument_errors():
     mining.hard_triplets_from_embeddings(key, emb, labels, block_size=4)
   with pytest.raises(ValueError, match=r"embeddings must be a 2-d"):
     mining.hard_triplets_from_embeddings(key, emb[0], labels)
+  with pytest.raises(ValueError, match=r"method must be one of 'count', 'sort', 'top_k'"):
+    mining.hard_triplets(key, dist, labels, method="bisect")
