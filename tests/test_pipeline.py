@@ -212,6 +212,13 @@ def test_paper_configs_default_to_imagenet_weights_and_pretrained_saliency():
     local = module.get_config("runlocal")
     assert (local.model.backbone, local.model.pretrained, local.saliency.network) == (
         "efficientnet_lite0", "imagenet", "pretrained")
+  # The paper's protocol on a GPU: everything fine-tuned, 299 px, 50 + 90 epochs, bfloat16.
+  gpu = cub.get_config("gpu")
+  assert (gpu.model.backbone, gpu.model.pretrained, gpu.model.frozen_stages, gpu.model.dtype,
+          gpu.data.image_size, gpu.stage1.epochs, gpu.stage2.epochs) == (
+              "efficientnet_lite0", "imagenet", 0, "bfloat16", 299, 50, 90)
+  with pytest.raises(ValueError, match="takes :runlocal or :gpu"):
+    cub.get_config("gpus")
 
 
 def test_stage_keys_differ_for_names_with_the_same_letters(tmp_path):
