@@ -189,7 +189,7 @@ def mining_rows(report, args, device, jsync, tsync):
 
     report.add(task, "PML BatchHardMiner (torch)", attempt(peer),
                note="hardest positive and negative only (no windows)")
-    del te, ty
+    te = ty = None  # freed before the next size
     if device == "cuda":
       torch.cuda.empty_cache()
 
@@ -254,7 +254,7 @@ def map_rows(report, args, device, tsync):
         same = None if isinstance(result, str) else abs(result[2] - reference) <= 1e-4
         report.add(task, "torch matmul + stable sort", result, same,
                    note="" if isinstance(result, str) else f"mAP {result[2]:.6f} (float32 sums)")
-        del tq, tdb, tql, tdbl
+        tq = tdb = tql = tdbl = None
 
 
 def search_rows(report, args, device, jsync, tsync):
@@ -306,7 +306,7 @@ def search_rows(report, args, device, jsync, tsync):
       same = np.array_equal(result[2].values.cpu().numpy().astype(np.int32), reference[0])
     report.add(task, "torch matmul + topk", result, same,
                note="same distances checked; ties in no set order")
-    del tq, tdb
+    tq = tdb = None
 
 
 def main(argv=None):

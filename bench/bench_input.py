@@ -66,13 +66,13 @@ def stage1_step(size: int, width: float, batch_size: int):
   """(step_fn, state) of the stage-1 step of ResNet18-I at `size` px."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from fgir_jax import models  # pylint: disable=g-import-not-at-top
-  from fgir_jax.train import stage1  # pylint: disable=g-import-not-at-top
+  from fgir_jax.train import stage1_step  # pylint: disable=g-import-not-at-top
   net = models.RetrievalNet(num_classes=200, enhance=True, width=width)
   variables = jax.jit(lambda k: net.init(k, jnp.zeros((1, size, size, 3)), train=False))(
       jax.random.key(0, impl="rbg"))
-  optimizer = stage1.make_optimizer(stage1.Stage1Settings(epochs=1), 100)
-  state = stage1.create_state(variables, optimizer)
-  step = lambda s, b: stage1.train_step(s, b, net=net, optimizer=optimizer)  # noqa: E731
+  optimizer = stage1_step.make_optimizer(stage1_step.Stage1Settings(epochs=1), 100)
+  state = stage1_step.create_state(variables, optimizer)
+  step = lambda s, b: stage1_step.train_step(s, b, net=net, optimizer=optimizer)  # noqa: E731
   return step, state
 
 

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
 from fgir_jax import metrics  # noqa: E402
-from fgir_jax.train import stage2  # noqa: E402
+from fgir_jax.train import hash_layer  # noqa: E402
 
 
 def clustered(rng, centers, per_class, noise):
@@ -53,9 +53,9 @@ def main():
   print(f"stage 2: {len(y_tr)} train / {len(y_te)} query features of {args.dim} dims, "
         f"{args.classes} classes, {args.epochs} epochs, re-mining every {args.mine_every}; "
         f"jax {jax.__version__} on {jax.default_backend()}, {os.cpu_count()} cores")
-  codes = lambda params, x: np.asarray(stage2.hash_outputs(params, x) > 0)  # noqa: E731
+  codes = lambda params, x: np.asarray(hash_layer.hash_outputs(params, x) > 0)  # noqa: E731
   for bits in (int(b) for b in args.bits.split(",")):
-    settings = stage2.Stage2Settings(bits=bits, epochs=args.epochs, mine_every=args.mine_every)
+    settings = hash_layer.Stage2Settings(bits=bits, epochs=args.epochs, mine_every=args.mine_every)
 
     def on_epoch(epoch, state, stats):
       if args.eval_every and epoch % args.eval_every == 0:
@@ -63,11 +63,11 @@ def main():
         metrics.mean_average_precision(codes(params, x_te), y_te, codes(params, x_tr), y_tr)
 
     # A first short run compiles everything; the timed run is a fresh one.
-    stage2.train_hash_layer(jax.random.key(1), x_tr, y_tr,
-                            stage2.Stage2Settings(bits=bits, epochs=args.mine_every + 1,
+    hash_layer.train_hash_layer(jax.random.key(1), x_tr, y_tr,
+                            hash_layer.Stage2Settings(bits=bits, epochs=args.mine_every + 1,
                                                   mine_every=args.mine_every))
     start = time.perf_counter()
-    state = stage2.train_hash_layer(jax.random.key(0), x_tr, y_tr, settings, on_epoch=on_epoch)
+    state = hash_layer.train_hash_layer(jax.random.key(0), x_tr, y_tr, settings, on_epoch=on_epoch)
     params = jax.block_until_ready(state["train"]["params"])
     seconds = time.perf_counter() - start
     m = metrics.mean_average_precision(codes(params, x_te), y_te, codes(params, x_tr), y_tr)

@@ -12,7 +12,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fgir_jax import losses, metrics, mining, models, parallel  # pylint: disable=g-import-not-at-top
-from fgir_jax.train import stage1, stage2  # pylint: disable=g-import-not-at-top
+from fgir_jax.train import hash_layer, stage1_step  # pylint: disable=g-import-not-at-top
 
 
 def max_diff(a, b):
@@ -30,12 +30,12 @@ def stage1_steps(mesh, steps=3):
   variables = net.init(jax.random.key(0), jnp.asarray(images[0]), train=False)
   if mesh is None:
     return variables
-  settings = stage1.Stage1Settings(epochs=1, batch_size=8, learning_rate=0.1, warmup_epochs=0)
-  optimizer = stage1.make_optimizer(settings, steps)
-  state = parallel.replicate(stage1.create_state(variables, optimizer), mesh)
+  settings = stage1_step.Stage1Settings(epochs=1, batch_size=8, learning_rate=0.1, warmup_epochs=0)
+  optimizer = stage1_step.make_optimizer(settings, steps)
+  state = parallel.replicate(stage1_step.create_state(variables, optimizer), mesh)
   for i in range(steps):
     batch = {"image": images[i], "label": labels[i], "mask": np.ones(8, bool)}
-    state, _ = stage1.train_step(state, parallel.shard_batch(batch, mesh), net=net,
+    state, _ = stage1_step.train_step(state, parallel.shard_batch(batch, mesh), net=net,
                                  optimizer=optimizer)
   return state
 
@@ -78,10 +78,10 @@ def main():
 
   feats = rng.normal(size=(120, 16)).astype(np.float32)
   labels = rng.integers(0, 4, 120)
-  settings = stage2.Stage2Settings(bits=8, epochs=3, mine_every=1, batch_size=16, num_classes=4)
-  s_one = stage2.train_hash_layer(jax.random.key(0), feats, labels, settings)
-  s_two = stage2.train_hash_layer(jax.random.key(0), feats, labels, settings, mesh=mesh)
-  out["stage2_param_diff"] = max_diff(stage2.hash_params(s_one), stage2.hash_params(s_two))
+  settings = hash_layer.Stage2Settings(bits=8, epochs=3, mine_every=1, batch_size=16, num_classes=4)
+  s_one = hash_layer.train_hash_layer(jax.random.key(0), feats, labels, settings)
+  s_two = hash_layer.train_hash_layer(jax.random.key(0), feats, labels, settings, mesh=mesh)
+  out["stage2_param_diff"] = max_diff(hash_layer.hash_params(s_one), hash_layer.hash_params(s_two))
   out["stage2_triplets_equal"] = bool(np.array_equal(s_one["triplets"], s_two["triplets"]))
   print(json.dumps(out))
 

@@ -60,12 +60,12 @@ def test_tiny_run_resumes_and_writes_results(tmp_path):
 
 def test_nan_loss_stops_keeps_the_good_epoch_and_the_advice_works(tmp_path, monkeypatch):
   import re  # pylint: disable=g-import-not-at-top
-  from fgir_jax.train import stage1 as stage1_lib  # pylint: disable=g-import-not-at-top
+  from fgir_jax.train import stage1_step  # pylint: disable=g-import-not-at-top
   from fgir_jax.train.checkpoints import StageCheckpoints  # pylint: disable=g-import-not-at-top
   config, workdir = tiny_config(), str(tmp_path / "run")
   config.stages = "data,stage1"
   config.saliency.enabled = False
-  step, calls = stage1_lib.train_step, []
+  step, calls = stage1_step.train_step, []
   per_epoch = 24 // config.stage1.batch_size  # 24 training images in the tiny set
 
   def poisoned(state, batch, **kw):  # the loss turns NaN in the second epoch
@@ -73,7 +73,7 @@ def test_nan_loss_stops_keeps_the_good_epoch_and_the_advice_works(tmp_path, monk
     calls.append(1)
     return state, (dict(m, loss=m["loss"] * float("nan")) if len(calls) > per_epoch else m)
 
-  monkeypatch.setattr(stage1_lib, "train_step", poisoned)
+  monkeypatch.setattr(stage1_step, "train_step", poisoned)
   with pytest.raises(FloatingPointError, match="loss became nan in epoch 2") as info:
     pipeline.run(config, workdir, echo=lambda _: None, command="python launch.py X")
   staged = os.path.join(workdir, ".staging", "stage1", "ckpt", "stage1")
@@ -84,7 +84,7 @@ def test_nan_loss_stops_keeps_the_good_epoch_and_the_advice_works(tmp_path, monk
   override = re.search(r"python launch\.py X --config\.stage1\.learning_rate=(\S+)$",
                        str(info.value))
   assert override, str(info.value)
-  monkeypatch.setattr(stage1_lib, "train_step", step)
+  monkeypatch.setattr(stage1_step, "train_step", step)
   config.stage1.learning_rate = float(override.group(1))
   pipeline.run(config, workdir, echo=lambda _: None)
   assert os.path.exists(os.path.join(workdir, "stages", "stage1.json"))
@@ -158,7 +158,7 @@ def test_pretrained_efficientnet_with_frozen_stages_end_to_end(tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from fgir_jax import models  # pylint: disable=g-import-not-at-top
-  from fgir_jax.train import classifier  # pylint: disable=g-import-not-at-top
+  from fgir_jax.train import stage1  # pylint: disable=g-import-not-at-top
   from fgir_jax.train.context import Run  # pylint: disable=g-import-not-at-top
   from torch_files import lite_state_dict, write_legacy  # pylint: disable=g-import-not-at-top
   config, workdir = tiny_config(), str(tmp_path / "run")
@@ -174,7 +174,7 @@ def test_pretrained_efficientnet_with_frozen_stages_end_to_end(tmp_path):
     assert 0.0 <= json.load(f)["corloc"] <= 1.0
   run = Run(config, workdir, echo=lambda line: None)
   run.dataset = type("D", (), {"class_names": list(range(4))})()
-  _, trained = classifier.restore_stage1(run)
+  _, trained = stage1.restore_stage1(run)
   backbone = trained["params"]["backbone"]
   # Frozen: the stem and stages 1-5 (blocks 0-6 at half depth) keep the imported weights.
   np.testing.assert_array_equal(backbone["conv_stem"]["kernel"],

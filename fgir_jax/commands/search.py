@@ -23,11 +23,11 @@ from fgir_jax import index as index_lib
 from fgir_jax import saliency
 from fgir_jax.data import batching
 from fgir_jax.data import cache as cache_lib
-from fgir_jax.train import classifier
+from fgir_jax.train import stage1
 from fgir_jax.train import config as config_lib
 from fgir_jax.train import data_stage
 from fgir_jax.train import inference
-from fgir_jax.train import stage2 as stage2_lib
+from fgir_jax.train import hash_layer
 from fgir_jax.train import stages as stages_lib
 from fgir_jax.train.context import Run
 from fgir_jax.train.workdir import Workdir
@@ -60,7 +60,7 @@ class Searcher:
     self.index = self.index_for(self.bits)
     # The networks only need the class count; the labels come from the index.
     self.run.dataset = _ClassesOnly(self.index.class_names or [])
-    self.net, self.variables = classifier.restore_stage1(self.run)
+    self.net, self.variables = stage1.restore_stage1(self.run)
     self._saliency = None
     self._paths = self.index.paths  # a copy per access: taken once
     self._train_images = None       # the run's cached train images, loaded on first need
@@ -129,7 +129,7 @@ class Searcher:
                                 batching.DeviceInput(images, np.zeros(len(images), np.int32)),
                                 batch_size=self._batch_size(len(images)))
     params = self._load_bits(self.bits if bits is None else bits)[1]
-    hashed = stage2_lib.hash_outputs(params, jnp.asarray(out["pooled"]))
+    hashed = hash_layer.hash_outputs(params, jnp.asarray(out["pooled"]))
     return np.asarray(hashed > 0, np.uint8)
 
   def _batch_size(self, n: int) -> int:
@@ -146,7 +146,7 @@ class Searcher:
       if sal.network == "pretrained":
         self._saliency = self._pretrained_saliency_net()
       else:
-        self._saliency = classifier.restore_classifier(self.run, "saliency_net")
+        self._saliency = stage1.restore_classifier(self.run, "saliency_net")
     net, variables = self._saliency
     out = inference.run_network(net, variables,
                                 batching.DeviceInput(images, np.zeros(len(images), np.int32)),
@@ -157,9 +157,9 @@ class Searcher:
                                                margin=sal.margin))
 
   def _pretrained_saliency_net(self):
-    net = classifier.make_net(self.run.config, len(self.run.dataset.class_names), enhance=False,
+    net = stage1.make_net(self.run.config, len(self.run.dataset.class_names), enhance=False,
                               frozen=False)
-    return net, classifier.init_variables(self.run, net, self.run.stage_key("saliency_net"))
+    return net, stage1.init_variables(self.run, net, self.run.stage_key("saliency_net"))
 
   # ---- database images, for the grid --------------------------------------------
   def database_image(self, item: int, bits: int | None = None) -> np.ndarray:

@@ -17,10 +17,11 @@ import time
 
 from fgir_jax import _validate
 from fgir_jax import models
-from fgir_jax.train import classifier
+from fgir_jax.train import stage1
 from fgir_jax.train import config as config_lib
 from fgir_jax.train import data_stage
-from fgir_jax.train import hashing
+from fgir_jax.train import evaluate
+from fgir_jax.train import stage2
 from fgir_jax.train import inference
 from fgir_jax.train import saliency_stage
 from fgir_jax.train import stages as stages_lib
@@ -36,7 +37,7 @@ def check_config(config, bits) -> None:
   _validate.check_choice(config.saliency.layer, inference.MAP_LAYERS, "saliency.layer")
   _validate.check_choice(config.model.dtype, ("float32", "bfloat16"), "model.dtype")
   _validate.check_choice(config.model.backbone, models.BACKBONES, "model.backbone")
-  models.retrieval_net.make_backbone(classifier.make_net(config, 2), parent=None)  # frozen_stages
+  models.retrieval_net.make_backbone(stage1.make_net(config, 2), parent=None)  # frozen_stages
   pretrained = config.model.pretrained
   if pretrained and pretrained != "imagenet" and not os.path.isfile(pretrained):
     raise ValueError(f"model.pretrained={pretrained!r} is neither 'imagenet' nor an existing "
@@ -45,9 +46,9 @@ def check_config(config, bits) -> None:
     raise ValueError(f"saliency.alpha must be in [0, 1), got {config.saliency.alpha}.")
   if int(config.data.image_size) < 16:
     raise ValueError(f"data.image_size must be at least 16 pixels, got {config.data.image_size}.")
-  classifier.stage1_settings(config)
+  stage1.stage1_settings(config)
   for b in bits:
-    hashing.stage2_settings(config, b, num_classes=2)
+    stage2.stage2_settings(config, b, num_classes=2)
 
 
 
@@ -85,11 +86,11 @@ def _run_stage(r: Run, stage: str) -> dict:
   if r.crops is None:
     saliency_stage.load_crops(r)
   if stage == "stage1":
-    return classifier.stage_stage1(r)
+    return stage1.stage_stage1(r)
   if stage.startswith("stage2_"):
-    return hashing.stage_stage2(r, stages_lib.bits_of(stage))
+    return stage2.stage_stage2(r, stages_lib.bits_of(stage))
   if stage == "evaluate":
-    return hashing.stage_evaluate(r)
+    return evaluate.stage_evaluate(r)
   return stage_report(r)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from fgir_jax import data as data_lib
 from fgir_jax import saliency
-from fgir_jax.train import classifier
+from fgir_jax.train import stage1
 from fgir_jax.train.context import Run
 from fgir_jax.train.workdir import write_json
 
@@ -20,13 +20,13 @@ def saliency_network(run: Run):
     if not run.config.model.pretrained:
       raise ValueError("saliency.network='pretrained' needs --config.model.pretrained=imagenet "
                        "(or a .pth / .npz file), or use --config.saliency.network=stage1.")
-    net = classifier.make_net(run.config, len(run.dataset.class_names), enhance=False,
+    net = stage1.make_net(run.config, len(run.dataset.class_names), enhance=False,
                               frozen=False)
-    return net, classifier.init_variables(run, net, run.stage_key("saliency_net")), None
+    return net, stage1.init_variables(run, net, run.stage_key("saliency_net")), None
   if sal.network != "stage1":
     raise ValueError(f"saliency.network must be 'pretrained' or 'stage1', got {sal.network!r}.")
   # Bootstrap: a CE network trained on the uncropped images finds the object.
-  net, variables, acc = classifier.train_classifier(run, "saliency_net", run.images,
+  net, variables, acc = stage1.train_classifier(run, "saliency_net", run.images,
                                         epochs=int(sal.epochs))
   run.wd.log("saliency_net", uncropped_accuracy=acc)
   return net, variables, acc
@@ -35,7 +35,7 @@ def saliency_network(run: Run):
 def stage_saliency(run: Run) -> dict:
   sal, ds = run.config.saliency, run.dataset
   net, variables, uncropped_accuracy = saliency_network(run)
-  out = classifier.encode_all(run, net, variables, run.images, "saliency maps", with_maps=True)
+  out = stage1.encode_all(run, net, variables, run.images, "saliency maps", with_maps=True)
   boxes = np.asarray(saliency.boxes_from_maps(out["maps"], alpha=sal.alpha, mode=sal.mode,
                                               image_size=(run.size, run.size), margin=sal.margin))
   np.savez(run.wd.out("saliency", "boxes.npz"), boxes=boxes, maps=out["maps"])

@@ -1,117 +1,202 @@
-"""Stage 1: cross-entropy training of the network (PAPER.md step 3).
+"""The stage-1 stage (PAPER.md step 3): the cross-entropy classifier, its checkpoints and whole-set passes.
 
-The update step is one jitted pure function `(state, batch, key) -> (state,
-measurements)`, donating its state (big_vision style). The state is a plain
-dict pytree {"params", "batch_stats", "opt_state", "step"} so that Orbax saves
-it as it is. Weight decay touches convolution and dense kernels only: decaying
-BatchNorm scales and biases hurts small-batch fine-tuning and buys nothing.
+The same trainer also makes the saliency bootstrap network (uncropped images,
+see saliency_stage.py). Steps run data-parallel over the run's device mesh.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
+import numpy as np
+
+from fgir_jax import metrics
+from fgir_jax import models
+from fgir_jax import parallel
+from fgir_jax.data import augment
+from fgir_jax.data import batching
+from fgir_jax.train import inference
+from fgir_jax.train import stage1_step
+from fgir_jax.train.checkpoints import StageCheckpoints
+from fgir_jax.train.context import Run, progress_bar
 
 
-@dataclasses.dataclass(frozen=True)
-class Stage1Settings:
-  """Optimiser and schedule of stage 1 (see configs/*.py for the values used).
+def make_net(config, num_classes: int, enhance: bool | None = None,
+             frozen: bool = True) -> models.RetrievalNet:
+  """The stage-1 network of the config (no hash head: stage 2 trains it on features).
 
-  SGD with Nesterov momentum, linear warm-up then cosine decay to zero, the
-  de-facto recipe for fine-tuning ResNets on CUB and Dogs.
+  frozen=False leaves out model.frozen_stages (a network that is only run, never trained).
   """
-  epochs: int = 50
-  batch_size: int = 32
-  learning_rate: float = 0.01
-  momentum: float = 0.9
-  weight_decay: float = 1e-4
-  warmup_epochs: float = 1.0
-  label_smoothing: float = 0.0
-  eval_every: int = 1
-
-  def __post_init__(self):
-    for name in ("epochs", "batch_size", "eval_every"):
-      if int(getattr(self, name)) < 1:
-        raise ValueError(f"stage1 {name} must be a positive integer, got {getattr(self, name)}.")
-    if not self.learning_rate > 0:
-      raise ValueError(f"stage1 learning_rate must be positive, got {self.learning_rate}.")
+  m = config.model
+  return models.RetrievalNet(
+      num_classes=num_classes, hash_bits=None,
+      enhance=m.enhance if enhance is None else enhance, width=m.width,
+      enhance_scale=m.enhance_scale, dtype=jnp.dtype(m.dtype), backbone=m.backbone,
+      depth=float(m.depth),
+      frozen_stages=int(m.frozen_stages) if frozen else 0)
 
 
-def _decay_mask(params):
-  """True for kernels (conv and dense weights), False for BatchNorm and biases."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+def pretrained_path(config) -> str | None:
+  """model.pretrained as load_imagenet's path: None for "imagenet" (the standard file)."""
+  return None if config.model.pretrained == "imagenet" else config.model.pretrained
 
 
-def make_optimizer(settings: Stage1Settings, steps_per_epoch: int,
-                   trainable=None) -> optax.GradientTransformation:
-  """SGD + cosine schedule; `trainable(params)` -> bool tree freezes the False leaves.
+def init_variables(run: Run, net, key) -> dict:
+  dummy = jnp.zeros((1, run.size, run.size, 3), jnp.float32)
+  variables = jax.jit(functools.partial(net.init, train=False))(key, dummy)
+  if run.config.model.pretrained:
+    variables = models.load_imagenet(variables, backbone=net.backbone,
+                                     path=pretrained_path(run.config),
+                                     progress=bool(run.config.progress))
+  return variables
 
-  Frozen leaves get no update, no weight decay and no optimizer state
-  (`optax.multi_transform` with `set_to_zero`), as STYLE.md asks.
+
+def _inputs(run: Run, images, labels) -> batching.DeviceInput:
+  s1 = run.config.stage1
+  train_tf = augment.transform_fn(True, size=run.size, crop=s1.crop,
+                                  scale=(float(s1.crop_scale_min), 1.0))
+  return batching.DeviceInput(images, labels, train_transform=train_tf,
+                              eval_transform=augment.transform_fn(False))
+
+
+def stage1_settings(config) -> stage1_step.Stage1Settings:
+  s1 = config.stage1
+  return stage1_step.Stage1Settings(
+      epochs=s1.epochs, batch_size=s1.batch_size, learning_rate=s1.learning_rate,
+      momentum=s1.momentum, weight_decay=s1.weight_decay, warmup_epochs=s1.warmup_epochs,
+      label_smoothing=s1.label_smoothing, eval_every=s1.eval_every)
+
+
+def train_classifier(run: Run, name: str, images: np.ndarray, epochs: int = 0):
+  """Stage 1 on `images` (train split); returns (net, final variables, accuracy on the queries).
+
+  epochs > 0 overrides stage1.epochs (the saliency bootstrap network).
   """
-  total = max(1, settings.epochs * steps_per_epoch)
-  warmup = min(total - 1, int(settings.warmup_epochs * steps_per_epoch))
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=settings.learning_rate, warmup_steps=warmup, decay_steps=total)
-  sgd = optax.chain(
-      optax.add_decayed_weights(settings.weight_decay, mask=_decay_mask),
-      optax.sgd(schedule, momentum=settings.momentum, nesterov=True))
-  if trainable is None:
-    return sgd
-  labels = lambda params: jax.tree.map(lambda t: "train" if t else "frozen", trainable(params))
-  return optax.multi_transform({"train": sgd, "frozen": optax.set_to_zero()}, labels)
+  ds, settings = run.dataset, stage1_settings(run.config)
+  if epochs > 0:
+    settings = dataclasses.replace(settings, epochs=int(epochs))
+  train_in = _inputs(run, images[ds.is_train], ds.labels[ds.is_train])
+  query_in = _inputs(run, images[~ds.is_train], ds.labels[~ds.is_train])
+  net = make_net(run.config, len(ds.class_names))
+  steps = train_in.steps_per_epoch(settings.batch_size, train_in.num_examples >= settings.batch_size)
+  optimizer = stage1_step.make_optimizer(settings, steps, trainable=net.trainable_mask)
+  key = run.stage_key(name)
+  parallel.check_divisible(settings.batch_size, run.mesh, "stage1.batch_size")
+  state = stage1_step.create_state(init_variables(run, net, key), optimizer)
+  with StageCheckpoints(run.wd.out_dir("ckpt", name), best_metric="accuracy",
+                        echo=run.echo) as ckpt:
+    start, acc = 0, float("nan")
+    if ckpt.latest_step() is not None:
+      state, meta = ckpt.restore(ckpt.latest_step(), state)
+      start, acc = int(meta["epoch"]), float(meta["metrics"]["accuracy"])
+      run.echo(f"{name}: resuming after epoch {start}")
+    state = parallel.replicate(state, run.mesh)
+    if start < settings.epochs:
+      run.echo(f"{name}: compiling the train step (the first batch waits for it)")
+    for epoch in range(start, settings.epochs):
+      state, train_stats, timing = _classifier_epoch(run, name, net, optimizer, settings, state,
+                                                     train_in, key, epoch)
+      row = dict(train_stats)
+      if (epoch + 1) % settings.eval_every == 0 or epoch + 1 == settings.epochs:
+        run.echo(f"{name}: evaluating on {query_in.num_examples} queries")
+        acc = row["accuracy"] = _query_accuracy(run, net, stage1_step.variables_of(state), query_in)
+      ckpt.save(epoch + 1, state, {"epoch": epoch + 1, "metrics": {"accuracy": acc}})
+      run.wd.log(name, epoch=epoch + 1, **row)
+      shown = f" query acc {row['accuracy']:.4f}" if "accuracy" in row else ""
+      run.echo(f"{name}: epoch {epoch + 1}/{settings.epochs} loss {train_stats['loss']:.4f} "
+               f"train acc {train_stats['train_accuracy']:.3f}{shown} ({timing})")
+  # Downstream stages use the final epoch (the best one is kept on disk too):
+  # picking the epoch by query accuracy would tune on the test set.
+  return net, stage1_step.variables_of(state), acc
 
 
-def create_state(variables: dict, optimizer: optax.GradientTransformation) -> dict:
-  """The train state for `variables` = {"params", "batch_stats"} of the network."""
-  params = variables["params"]
-  return {"params": params, "batch_stats": variables.get("batch_stats", {}),
-          "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+def _classifier_epoch(run, name, net, optimizer, settings, state, train_in, key, epoch):
+  sums, count = {}, 0
+  # Full batches only, unless the set is smaller than one batch (tiny runs).
+  drop = train_in.num_examples >= settings.batch_size
+  progress = progress_bar(run, train_in.steps_per_epoch(settings.batch_size, drop)
+                          * settings.batch_size, f"{name} epoch {epoch + 1}", log_line=False)
+  for batch in train_in.train_batches(key, epoch, settings.batch_size, drop_remainder=drop):
+    batch = parallel.shard_batch(batch, run.mesh)
+    state, m = stage1_step.train_step(state, batch, net=net, optimizer=optimizer,
+                                     label_smoothing=settings.label_smoothing)
+    for k, v in m.items():
+      sums[k] = sums.get(k, 0.0) + v
+    count += 1
+    progress.update(settings.batch_size)
+  progress.close()
+  stats = {k: float(v) / max(count, 1) for k, v in sums.items()}
+  if not np.isfinite(stats.get("loss", 0.0)):
+    lower = settings.learning_rate / 10
+    raise FloatingPointError(
+        f"{name}: the loss became {stats['loss']} in epoch {epoch + 1}; the checkpoint of "
+        f"epoch {epoch} is kept. Lower the learning rate and run again (the stage starts "
+        f"afresh with it): {run.command} --config.stage1.learning_rate={lower:g}")
+  stats["train_accuracy"] = stats.pop("accuracy", 0.0)
+  return state, stats, progress.summary()
 
 
-def _cross_entropy(logits, labels, mask, label_smoothing):
-  num_classes = logits.shape[-1]
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
-  per_example = optax.softmax_cross_entropy(logits, targets)
-  weights = mask.astype(jnp.float32)
-  return (per_example * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+def _query_accuracy(run, net, variables, query_in) -> float:
+  out = inference.run_network(net, variables, query_in, batch_size=run.config.eval.batch_size,
+                              mesh=run.mesh)
+  return metrics.accuracy(out["logits"], query_in.labels_np)
 
 
-@functools.partial(jax.jit, static_argnames=("net", "optimizer", "label_smoothing"),
-                   donate_argnums=(0,))
-def train_step(state: dict, batch: dict, *, net: nn.Module, optimizer, label_smoothing=0.0):
-  """One SGD step on a batch {"image", "label", "mask"}; returns (state, measurements)."""
+def encode_all(run: Run, net, variables, images, desc: str, with_maps: bool = False) -> dict:
+  """Eval-mode outputs for every image, with a progress bar (a long pass on big sets).
 
-  def loss_fn(params):
-    (logits, _), updates = net.apply(
-        {"params": params, "batch_stats": state["batch_stats"]}, batch["image"], train=True,
-        mutable=["batch_stats"])
-    loss = _cross_entropy(logits, batch["label"], batch["mask"], label_smoothing)
-    return loss, (logits, updates["batch_stats"])
-
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-  updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
-  weights = batch["mask"].astype(jnp.float32)
-  correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-  measurements = {"loss": loss, "accuracy": (correct * weights).sum() / jnp.maximum(weights.sum(), 1.0),
-                  "grad_norm": _global_norm(grads)}
-  new_state = {"params": params, "batch_stats": batch_stats, "opt_state": opt_state,
-               "step": state["step"] + 1}
-  return new_state, measurements
+  with_maps adds the saliency maps, from the layer saliency.layer names.
+  """
+  progress = progress_bar(run, len(images), desc)
+  out = inference.run_network(net, variables, batching.DeviceInput(images, run.dataset.labels),
+                              batch_size=run.config.eval.batch_size, with_maps=with_maps,
+                              map_layer=run.config.saliency.layer,
+                              progress=progress.update, mesh=run.mesh)
+  progress.close()
+  return out
 
 
-def _global_norm(tree) -> jax.Array:
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+def stage_stage1(run: Run) -> dict:
+  """Trains stage 1, then writes the frozen network's pooled features of every image
+  (stage1/features.npz), which stage 2 and the evaluation use."""
+  net, variables, acc = train_classifier(run, "stage1", run.crops)
+  out = encode_all(run, net, variables, run.crops, "pooled features")
+  np.savez(run.wd.out("stage1", "features.npz"), features=out["pooled"],
+           labels=run.dataset.labels, is_train=run.dataset.is_train)
+  return {"accuracy": acc}
 
 
-def variables_of(state: dict) -> dict:
-  """The network variables {"params", "batch_stats"} held by a train state."""
-  return {"params": state["params"], "batch_stats": state["batch_stats"]}
+def restore_stage1(run: Run):
+  """The final stage-1 network of a finished run (for stage 2, evaluation, search)."""
+  return restore_classifier(run, "stage1")
+
+
+def restore_classifier(run: Run, name: str):
+  """(net, variables) of the last checkpoint of the classifier trained as `name`."""
+  net = make_net(run.config, len(run.dataset.class_names))
+  variables = init_variables_shapes(run, net, run.stage_key(name))
+  like = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+  with StageCheckpoints(run.wd.read("ckpt", name), best_metric="accuracy",
+                        read_only=True) as ckpt:
+    step = ckpt.latest_step()
+    if step is None:
+      raise ValueError(f"{run.wd.path} has no {name} checkpoint; train it first: {run.command}")
+    full, _ = ckpt.restore(step, _state_like(like, net))
+  return net, {"params": full["params"], "batch_stats": full["batch_stats"]}
+
+
+def init_variables_shapes(run: Run, net, key):
+  dummy = jax.ShapeDtypeStruct((1, run.size, run.size, 3), jnp.float32)
+  shapes = jax.eval_shape(functools.partial(net.init, train=False), key, dummy)
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def _state_like(variables, net):
+  """A train state of the right structure to restore into (the optimizer masks frozen stages)."""
+  s1 = stage1_step.Stage1Settings()
+  optimizer = stage1_step.make_optimizer(s1, 1, trainable=net.trainable_mask)
+  return stage1_step.create_state(variables, optimizer)
+
