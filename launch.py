@@ -6,6 +6,7 @@
     python launch.py --config configs/demo.py --workdir runs/demo --mode search --query a.jpg --k 10
     python launch.py --config configs/demo.py --workdir runs/demo --mode index --images new_photos/
     python launch.py --config configs/demo.py --workdir runs/demo --mode serve --port 8000
+    python launch.py --config configs/demo.py --workdir runs/demo --mode remove --bits 64
 
 --mode train (the default) runs the stages the config names (data, saliency,
 stage1, stage2, evaluate, report); a finished stage is skipped and an
@@ -15,8 +16,11 @@ again. --mode ablate runs the paper's comparisons (fgir_jax/commands/ablation.py
 them into --out, default the current directory: it writes nothing into the run),
 --mode index adds the images of a folder to the run's index, --mode serve serves
 a search page and a JSON API over the run (read-only; pip install -e ".[serve]",
-fgir_jax/commands/serve.py). A SIGTERM stops a
-run as Ctrl-C does: the same command resumes it.
+fgir_jax/commands/serve.py), --mode remove deletes one code length's finished
+outputs (the only command that deletes finished work, besides --config.rerun
+replacing a stage). A SIGTERM stops a run as Ctrl-C does: the same command
+resumes it. One command writes to a work directory at a time; a second one is
+refused, naming the first.
 """
 
 import os
@@ -29,7 +33,7 @@ from absl import logging
 from absl import flags
 from ml_collections import config_flags
 
-MODES = ("train", "ablate", "search", "index", "serve")
+MODES = ("train", "ablate", "search", "index", "serve", "remove")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                           lock_config=True)
@@ -39,7 +43,8 @@ _VARIANTS = flags.DEFINE_string("variants", "full,no_enhance,no_saliency,triplet
                                 "--mode ablate: the variants to run, comma-separated.")
 _QUERY = flags.DEFINE_multi_string("query", [], "--mode search: a query image (repeatable).")
 _K = flags.DEFINE_integer("k", 10, "--mode search: results per query.")
-_BITS = flags.DEFINE_integer("bits", None, "--mode search/index: code length (default: longest).")
+_BITS = flags.DEFINE_integer("bits", None, "--mode search/index: code length (default: longest); "
+                             "--mode remove: the code length to delete.")
 _IMAGES = flags.DEFINE_string("images", None, "--mode index: a folder of images to add.")
 _OUT = flags.DEFINE_string("out", ".", "--mode search: the folder for search_results.png "
                            "(nothing is written into the work directory).")
@@ -113,9 +118,13 @@ def run_mode(mode: str, config, workdir: str) -> None:
     from fgir_jax.commands import serve
     serve.serve(config, workdir, host=_HOST.value, port=_PORT.value,
                 max_upload_mb=_MAX_UPLOAD.value)
+  elif mode == "remove":
+    from fgir_jax.commands import remove
+    remove.remove_command(workdir, _BITS.value, command=" ".join(sys.argv))
   else:
     from fgir_jax.commands import search
-    search.index_command(config, workdir, _IMAGES.value, bits=_BITS.value)
+    search.index_command(config, workdir, _IMAGES.value, bits=_BITS.value,
+                         command=" ".join(sys.argv))
 
 
 def start_distributed(config) -> None:
@@ -131,12 +140,26 @@ def parse_flags(argv):
   _check_config_file(argv)
   try:
     return flags.FLAGS(argv)
+  except flags.IllegalFlagValueError as e:
+    if "--workdir" in str(e) and "other than None" in str(e):
+      print("error: --workdir is required: the folder of the run's outputs and checkpoints "
+            "(e.g. --workdir runs/demo).", file=sys.stderr)
+      sys.exit(2)
+    if "--config" in str(e) and "other than None" in str(e):
+      print("error: --config is required: a config file (e.g. --config configs/demo.py).",
+            file=sys.stderr)
+      sys.exit(2)
+    _bad_command_line(argv, e)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-    hint = f" (overrides given: {', '.join(overrides)})" if overrides else ""
-    print(f"error: bad command line: {_one_line(e)}{hint}; every --config.KEY must exist in the "
-          "config file and take a value of its type.", file=sys.stderr)
-    sys.exit(2)
+    _bad_command_line(argv, e)
+
+
+def _bad_command_line(argv, e):
+  overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+  hint = f" (overrides given: {', '.join(overrides)})" if overrides else ""
+  print(f"error: bad command line: {_one_line(e)}{hint}; every --config.KEY must exist in the "
+        "config file and take a value of its type.", file=sys.stderr)
+  sys.exit(2)
 
 
 def _one_line(e: BaseException) -> str:

@@ -58,9 +58,10 @@ class Progress:
     rate = self.rate
     return f"{seconds:.0f} s" + (f", {rate:.0f} {self.unit}/s" if rate else "")
 
-  def close(self) -> None:
+  def close(self, completed: bool = True) -> None:
+    """Ends the bar; in a log, one summary line unless the work failed (completed=False)."""
     if self._bar is not None:
       self._bar.close()
-    elif self.enabled and not self.tty and self.log_line:
+    elif self.enabled and not self.tty and self.log_line and completed:
       self.stream.write(f"{self.desc}: {self.count} {self.unit} in {self.summary()}\n")
       self.stream.flush()

@@ -45,7 +45,7 @@ def test_tiny_run_resumes_and_writes_results(tmp_path):
   with open(os.path.join(workdir, "results.json")) as f:
     assert json.load(f) == results
   assert set(results["map"]) == {"8", "12"}
-  assert all(0.0 <= v <= 1.0 for v in results["map"].values())
+  _check_scores_against_saved_codes(workdir, results)
   assert 0.0 <= results["accuracy"] <= 1.0 and 0.0 <= results["corloc"] <= 1.0
   assert os.path.exists(os.path.join(workdir, "report.md"))
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -90,17 +90,32 @@ def test_nan_loss_stops_keeps_the_good_epoch_and_the_advice_works(tmp_path, monk
   assert os.path.exists(os.path.join(workdir, "stages", "stage1.json"))
 
 
+def _check_scores_against_saved_codes(workdir, results):
+  """Each results.json score equals `metrics` on the saved codes and the dataset's labels."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from fgir_jax import metrics  # pylint: disable=g-import-not-at-top
+  with np.load(os.path.join(workdir, "stage1", "features.npz")) as f:
+    labels, is_train = f["labels"], f["is_train"]
+  for bits in results["map"]:
+    with np.load(os.path.join(workdir, "codes", f"codes_{bits}.npz")) as f:
+      args = (f["query"], labels[~is_train], f["database"], labels[is_train])
+    assert results["map"][bits] == metrics.mean_average_precision(*args)
+    assert results["map_tie_aware"][bits] == metrics.mean_average_precision(*args, ties="average")
+    assert results["precision_at_10"][bits] == metrics.precision_at_k(*args, k=10)
+    assert results["queries"] == len(args[0]) and results["database"] == len(args[2])
+
+
 def _launch(*args):
   cmd = [sys.executable, os.path.join(REPO, "launch.py"), *args]
   return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
 
-def test_missing_dataset_folder_is_one_line_and_nonzero(tmp_path):
+def test_missing_dataset_folder_is_one_line_and_exit_2(tmp_path):
   missing = tmp_path / "nowhere"
   proc = _launch("--config", "configs/cub.py:runlocal", "--workdir", str(tmp_path / "w"),
                  f"--config.data.root={missing}")
-  assert proc.returncode != 0
+  assert proc.returncode == 2
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("error:") and str(missing) in last and "Traceback" not in proc.stderr
 
@@ -127,10 +142,17 @@ def test_unknown_config_key_and_bad_value_are_rejected(tmp_path):
       "(e.g. --config configs/demo.py), or a path to your own.")
   proc = _launch("--config", "configs/demo.py", "--workdir", str(tmp_path / "w"),
                  "--config.stage2.loss=contrastive", "--config.stages=stage2")
-  assert proc.returncode != 0
+  assert proc.returncode == 2
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("error: stage2 loss must be one of (") and "got 'contrastive'" in last
   assert not os.path.exists(tmp_path / "w" / "stages")  # nothing ran
+  # A missing --workdir or --config is named as such, with an example.
+  proc = _launch("--config", "configs/demo.py")
+  assert proc.returncode == 2 and proc.stderr.strip() == (
+      "error: --workdir is required: the folder of the run's outputs and checkpoints "
+      "(e.g. --workdir runs/demo).")
+  proc = _launch("--workdir", str(tmp_path / "w"))
+  assert proc.returncode == 2 and "--config is required" in proc.stderr
 
 
 def test_saliency_from_pretrained_weights_file(tmp_path):
@@ -158,7 +180,7 @@ def test_pretrained_efficientnet_with_frozen_stages_end_to_end(tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from fgir_jax import models  # pylint: disable=g-import-not-at-top
-  from fgir_jax.train import stage1  # pylint: disable=g-import-not-at-top
+  from fgir_jax.train import finished  # pylint: disable=g-import-not-at-top
   from fgir_jax.train.context import Run  # pylint: disable=g-import-not-at-top
   from torch_files import lite_state_dict, write_legacy  # pylint: disable=g-import-not-at-top
   config, workdir = tiny_config(), str(tmp_path / "run")
@@ -172,9 +194,8 @@ def test_pretrained_efficientnet_with_frozen_stages_end_to_end(tmp_path):
   pipeline.run(config, workdir, echo=lambda line: None)
   with open(os.path.join(workdir, "saliency", "summary.json")) as f:
     assert 0.0 <= json.load(f)["corloc"] <= 1.0
-  run = Run(config, workdir, echo=lambda line: None)
-  run.dataset = type("D", (), {"class_names": list(range(4))})()
-  _, trained = stage1.restore_stage1(run)
+  run = Run(config, workdir, echo=lambda line: None, writable=False)
+  _, trained = finished.Finished(run).stage1_network(num_classes=4)
   backbone = trained["params"]["backbone"]
   # Frozen: the stem and stages 1-5 (blocks 0-6 at half depth) keep the imported weights.
   np.testing.assert_array_equal(backbone["conv_stem"]["kernel"],

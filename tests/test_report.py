@@ -13,6 +13,8 @@ from fgir_jax.train import report
 from fgir_jax.train import report_plots
 from fgir_jax.train.workdir import Workdir, write_json
 
+from conftest import write_marker
+
 CLASSES, PER_CLASS, TEST_PER_CLASS, SIZE = 4, 6, 2, 32
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ALL_FIGURES = {"map_vs_epoch.png", "distances_vs_epoch.png", "map_vs_bits.png",
@@ -177,8 +179,8 @@ def test_markdown_table_and_paper_numbers():
 def test_report_lists_stage_times_versions_devices_and_skipped_files(tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
   wd, config, ds = _finished_run(tmp_path)
-  wd.mark_done("data", {"skipped": 1, "skipped_files": ["/photos/broken.jpg"]})
-  wd.mark_done("stage1", {"accuracy": 0.5, "seconds": 12.3})
+  write_marker(wd, "data", {"skipped": 1, "skipped_files": ["/photos/broken.jpg"]})
+  write_marker(wd, "stage1", {"accuracy": 0.5, "seconds": 12.3})
   text = _read(report.write_report(wd, config, ds))
   assert "## This run" in text and f"jax {jax.__version__}, flax " in text
   assert "| stage1 | 12.3 s |" in text

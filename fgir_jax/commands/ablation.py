@@ -70,11 +70,14 @@ def run_ablation(config, workdir: str, variants: str = ",".join(VARIANTS), echo=
   # A trained run in the ablation's own directory, and every variant, may hold stages to reuse.
   sources = [workdir] + list(paths.values())
   rows = {}
-  for name in names:
-    echo(f"==== ablation variant {name}: {paths[name]}")
-    pipeline.run(configs[name], paths[name], echo=echo, reuse_from=sources)
-    rows[name] = summarise(Workdir(paths[name], writable=False), configs[name])
-  write_tables(workdir, config, rows)
+  # The ablation's tables are written under its directory's lock; each variant's run holds
+  # its own.
+  with Workdir(workdir).writing(f"--mode ablate --variants {variants}", echo):
+    for name in names:
+      echo(f"==== ablation variant {name}: {paths[name]}")
+      pipeline.run(configs[name], paths[name], echo=echo, reuse_from=sources)
+      rows[name] = summarise(Workdir(paths[name], writable=False), configs[name])
+    write_tables(workdir, config, rows)
   return rows
 
 

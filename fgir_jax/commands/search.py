@@ -11,23 +11,18 @@ codes with their labels and image paths.
 
 from __future__ import annotations
 
-import io
 import os
 
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from fgir_jax import data as data_lib
 from fgir_jax import index as index_lib
-from fgir_jax import saliency
-from fgir_jax.data import batching
 from fgir_jax.data import cache as cache_lib
-from fgir_jax.train import stage1
 from fgir_jax.train import config as config_lib
 from fgir_jax.train import data_stage
-from fgir_jax.train import inference
-from fgir_jax.train import hash_layer
+from fgir_jax.train import encoder as encoder_lib
+from fgir_jax.train import evaluate
 from fgir_jax.train import stages as stages_lib
 from fgir_jax.train.context import Run
 from fgir_jax.train.workdir import Workdir
@@ -40,11 +35,13 @@ def index_path(wd, bits: int) -> str:
 
 
 class Searcher:
-  """The trained pieces of a work directory: saliency network, stage-1 network, hash layer, index.
+  """The trained pieces of a work directory: its networks and hash layers (an Encoder) and
+  each code length's index.
 
   It opens the run read-only and with the run's own settings (its
   config.json): nothing is written into the work directory, so a read-only or
-  shared run can be searched.
+  shared run can be searched. The code lengths it offers are the config's and
+  those kept from an earlier command (`stages.kept_lengths`).
   """
 
   def __init__(self, config, workdir: str, bits: int | None = None):
@@ -52,26 +49,18 @@ class Searcher:
       raise FileNotFoundError(f"work directory {workdir} does not exist; train a model there "
                               "first (python launch.py --config CONFIG --workdir DIR).")
     config = run_config(config, workdir)
-    self.run = Run(config, workdir, echo=lambda _: None, writable=False)
-    _check_trained(self.run, config)
-    self.trained_bits = self._trained_bits()
+    wd = Workdir(workdir, writable=False)
+    self.run = Run(config, workdir, echo=lambda _: None, writable=False,
+                   command=train_command(wd))
+    self.trained_bits = _trained_bits(self.run)
     self.bits = self._pick_bits(bits)
-    self._by_bits = {}  # bits -> (HammingIndex, hash layer params), loaded on first use
+    self._indexes = {}  # bits -> HammingIndex, loaded on first use
     self.index = self.index_for(self.bits)
     # The networks only need the class count; the labels come from the index.
     self.run.dataset = _ClassesOnly(self.index.class_names or [])
-    self.net, self.variables = stage1.restore_stage1(self.run)
-    self._saliency = None
+    self.encoder = encoder_lib.Encoder(self.run, len(self.run.dataset.class_names))
     self._paths = self.index.paths  # a copy per access: taken once
     self._train_images = None       # the run's cached train images, loaded on first need
-
-  def _trained_bits(self) -> list[int]:
-    trained = [b for b in config_lib.bit_list(self.run.config)
-               if os.path.exists(index_path(self.run.wd, b))]
-    if not trained:
-      raise ValueError(f"{self.run.wd.path} has no index (index/index_<bits>.npz); write it "
-                       f"again with: {train_command(self.run.wd)} --config.rerun=evaluate")
-    return trained
 
   def _pick_bits(self, bits):
     if bits is None:
@@ -82,18 +71,12 @@ class Searcher:
                        "one of those.")
     return bits
 
-  def _load_bits(self, bits: int):
-    bits = self._pick_bits(bits)
-    if bits not in self._by_bits:
-      index = index_lib.HammingIndex.load(index_path(self.run.wd, bits))
-      with np.load(self.run.wd.file("stage2", f"hash_{bits}.npz")) as f:
-        params = {k: jnp.asarray(v) for k, v in f.items()}
-      self._by_bits[bits] = (index, params)
-    return self._by_bits[bits]
-
   def index_for(self, bits: int | None = None) -> index_lib.HammingIndex:
     """The database index of a trained code length (default: this searcher's)."""
-    return self._load_bits(self.bits if bits is None else bits)[0]
+    bits = self._pick_bits(self.bits if bits is None else bits)
+    if bits not in self._indexes:
+      self._indexes[bits] = index_lib.HammingIndex.load(index_path(self.run.wd, bits))
+    return self._indexes[bits]
 
   # ---- images -> codes ---------------------------------------------------------
   def encode_files(self, paths: list[str], bits: int | None = None) -> np.ndarray:
@@ -109,7 +92,7 @@ class Searcher:
                          "index --images FOLDER.")
       if not os.path.isfile(p):
         raise FileNotFoundError(f"query image {p} does not exist; check the path.")
-    return np.stack([cache_lib.load_image(p, self.run.size) for p in paths])
+    return self.encoder.load_files(paths)
 
   def encode_loaded(self, sources: list, images: np.ndarray, bits: int | None = None) -> np.ndarray:
     """Codes of `images` (= the uncropped images of `sources`, image paths or file bytes):
@@ -118,48 +101,8 @@ class Searcher:
 
   def encode_with_boxes(self, sources: list, images: np.ndarray, bits: int | None = None):
     """(codes, boxes): boxes (n, 4) normalised (ymin, xmin, ymax, xmax), None without cropping."""
-    boxes = self.boxes(images)
-    if boxes is not None:
-      images = np.stack([cache_lib.load_image(_openable(s), self.run.size, box)
-                         for s, box in zip(sources, boxes)])
-    return self.encode_images(images, bits), boxes
-
-  def encode_images(self, images: np.ndarray, bits: int | None = None) -> np.ndarray:
-    out = inference.run_network(self.net, self.variables,
-                                batching.DeviceInput(images, np.zeros(len(images), np.int32)),
-                                batch_size=self._batch_size(len(images)))
-    params = self._load_bits(self.bits if bits is None else bits)[1]
-    hashed = hash_layer.hash_outputs(params, jnp.asarray(out["pooled"]))
-    return np.asarray(hashed > 0, np.uint8)
-
-  def _batch_size(self, n: int) -> int:
-    """A power of two >= n, at most eval.batch_size: one query runs as a batch of one (not
-    padded to a full evaluation batch), and the few sizes compile once each."""
-    return min(self.run.config.eval.batch_size, 1 << max(0, n - 1).bit_length())
-
-  def boxes(self, images: np.ndarray) -> np.ndarray | None:
-    """Saliency boxes as in training; None when the run did not crop."""
-    sal = self.run.config.saliency
-    if not sal.enabled:
-      return None
-    if self._saliency is None:
-      if sal.network == "pretrained":
-        self._saliency = self._pretrained_saliency_net()
-      else:
-        self._saliency = stage1.restore_classifier(self.run, "saliency_net")
-    net, variables = self._saliency
-    out = inference.run_network(net, variables,
-                                batching.DeviceInput(images, np.zeros(len(images), np.int32)),
-                                batch_size=self._batch_size(len(images)), with_maps=True,
-                                map_layer=sal.layer)
-    return np.asarray(saliency.boxes_from_maps(out["maps"], alpha=sal.alpha, mode=sal.mode,
-                                               image_size=(self.run.size, self.run.size),
-                                               margin=sal.margin))
-
-  def _pretrained_saliency_net(self):
-    net = stage1.make_net(self.run.config, len(self.run.dataset.class_names), enhance=False,
-                              frozen=False)
-    return net, stage1.init_variables(self.run, net, self.run.stage_key("saliency_net"))
+    return self.encoder.encode(sources, images, self._pick_bits(self.bits if bits is None
+                                                                else bits))
 
   # ---- database images, for the grid --------------------------------------------
   def database_image(self, item: int, bits: int | None = None) -> np.ndarray:
@@ -186,11 +129,6 @@ class Searcher:
     return names[label] if 0 <= label < len(names) else ""
 
 
-def _openable(source):
-  """What PIL opens: a path as it is, file bytes as a fresh in-memory file."""
-  return io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
-
-
 def train_command(wd) -> str:
   """The command that trained the run (recorded in command.txt), to resume or rerun it."""
   try:
@@ -201,33 +139,46 @@ def train_command(wd) -> str:
 
 
 def run_config(config, workdir: str):
-  """The settings the run was trained with (its config.json); `config` for older runs."""
+  """The settings the run was trained with (its config.json); `config` before the first
+  training command finished."""
   saved = Workdir(workdir, writable=False).saved_config()
   if saved is None:
     return config
   return ml_collections.ConfigDict(saved)
 
 
-def _check_trained(run: Run, config) -> None:
-  """A finished run whose stage 1, stage 2 and index match its settings, or one clear line."""
-  command = train_command(run.wd)
-  needed = ["stage1"] + [f"stage2_{b}" for b in config_lib.bit_list(config)] + ["evaluate"]
-  fps = stages_lib.fingerprints(config)
-  missing, stale = [], []
-  for stage in needed:
-    marker = run.wd.done(stage)
-    if marker is None and stage.startswith("stage2_") and run.wd.done("stage2") is not None:
-      continue  # runs before 0.2 marked stage 2 once for every code length
-    if marker is None:
-      missing.append(stage)
-    elif marker.get("fingerprint") not in (None, fps[stage]):
-      stale.append(stage)
+def _trained_bits(run: Run) -> list[int]:
+  """The code lengths a finished, consistent run can search, or one clear line.
+
+  Consistent: every finished stage on the way to a code length's index was
+  computed from the finished stage before it (the upstream fingerprints its
+  marker recorded); a partial command with new settings breaks the chain
+  until its remaining stages finish.
+  """
+  wd, config = run.wd, run.config
+  bits = config_lib.bit_list(config)
+  chain = (["saliency", "stage1"] + [f"stage2_{b}" for b in bits]
+           + [f"evaluate_{b}" for b in bits])
+  markers = {stage: wd.final_marker(stage) for stage in chain}
+  missing = [s for s in chain if markers[s] is None and s != "saliency"]
   if missing:
-    raise ValueError(f"{run.wd.path} has no trained model and index yet (stage(s) "
-                     f"{', '.join(missing)} not finished); finish training first: {command}")
+    raise ValueError(f"{wd.path} has no trained model and index yet (stage(s) "
+                     f"{', '.join(missing)} not finished); finish training first: {run.command}")
+  stale = set()
+  for stage in chain:
+    for up, fp in (markers[stage] or {}).get("after", {}).items():
+      if up in stale or (up in markers and (markers[up] or {}).get("fingerprint") != fp):
+        stale.add(stage)
   if stale:
-    raise ValueError(f"{run.wd.path} is being retrained with new settings ({', '.join(stale)} "
-                     f"not finished); finish it first: {command}")
+    shown = [s for s in chain if s in stale]
+    raise ValueError(f"{wd.path} is being retrained with new settings ({', '.join(shown)} "
+                     f"not finished); finish it first: {run.command}")
+  kept = stages_lib.kept_lengths(config, wd, markers["stage1"]["fingerprint"])
+  trained = [b for b in sorted(set(bits) | set(kept)) if os.path.exists(index_path(wd, b))]
+  if not trained:
+    raise ValueError(f"{wd.path} has no index (index/index_<bits>.npz); write it again with: "
+                     f"{run.command} --config.rerun=evaluate")
+  return trained
 
 
 class _ClassesOnly:
@@ -291,8 +242,12 @@ def _plot_grid(searcher: Searcher, queries, query_images, results, out_dir: str)
 
 
 def index_command(config, workdir: str, folder: str | None, bits: int | None = None,
-                  echo=print) -> dict:
-  """Adds the images under `folder` (root/<class>/<image> or root/<image>) to the index."""
+                  echo=print, command: str | None = None) -> dict:
+  """Adds the images under `folder` (root/<class>/<image> or root/<image>) to the index.
+
+  Holds the run's write lock. The additions are recorded (additions/), so an
+  evaluation that rebuilds the index encodes them again with its networks.
+  """
   if not folder:
     raise ValueError("--mode index needs --images FOLDER (the images to add).")
   if not os.path.isdir(folder):
@@ -301,10 +256,15 @@ def index_command(config, workdir: str, folder: str | None, bits: int | None = N
   if not paths:
     raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); nothing to add.")
   searcher = Searcher(config, workdir, bits)
-  target = index_path(searcher.run.wd, searcher.bits)
-  if not os.access(os.path.dirname(target), os.W_OK):
-    raise PermissionError(f"{os.path.dirname(target)} is not writable; --mode index adds to the "
-                          "run's index, so it needs a run you may write to.")
+  wd = searcher.run.wd
+  if not os.access(wd.path, os.W_OK) or not os.access(wd.file("index"), os.W_OK):
+    raise PermissionError(f"{wd.path} is not writable; --mode index adds to the run's index, "
+                          "so it needs a run you may write to.")
+  with Workdir(workdir).writing(command or f"--mode index --images {folder}", echo):
+    return _add_to_index(searcher, paths, classes, echo)
+
+
+def _add_to_index(searcher: Searcher, paths: list[str], classes: list[str], echo) -> dict:
   known = set(p for p in searcher.index.paths if p)
   fresh = [i for i, p in enumerate(paths) if os.path.abspath(p) not in known]
   skipped = len(paths) - len(fresh)
@@ -316,8 +276,10 @@ def index_command(config, workdir: str, folder: str | None, bits: int | None = N
   # Sub-folders named like a trained class take its label; other images get -1 (unknown).
   labels = np.array([names.index(c) if c in names else -1 for c in classes], np.int64)
   codes = searcher.encode_files(paths)
+  wd = searcher.run.wd
+  evaluate.record_additions(wd, searcher.bits, paths, labels)
   searcher.index.add(codes, labels=labels, paths=[os.path.abspath(p) for p in paths])
-  searcher.index.save(target)  # the index files only, written atomically
+  searcher.index.save(index_path(wd, searcher.bits))  # the index files only, written atomically
   echo(f"added {len(paths)} images to the {searcher.bits}-bit index "
        f"({len(searcher.index)} images now; {int((labels < 0).sum())} without a known class"
        + (f"; {skipped} already there, skipped" if skipped else "") + ")")

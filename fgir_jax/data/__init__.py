@@ -17,8 +17,8 @@ Decode cache (uint8 arrays at the input size, decoded once per source and size):
 Nothing here imports TensorFlow, JAX or matplotlib.
 """
 
-from fgir_jax.data.cache import (Cached, cached_crops, cached_images, load_image, resize_array,
-                                 to_rgb)
+from fgir_jax.data.cache import (Cached, UndecodableImage, cached_crops, cached_images,
+                                 load_image, resize_array, to_rgb)
 from fgir_jax.data.cub import read_cub
 from fgir_jax.data.dataset import IMAGE_EXTENSIONS, Dataset, image_size, image_sizes
 from fgir_jax.data.dogs import read_dogs
@@ -27,7 +27,8 @@ from fgir_jax.data.synthetic import class_traits, make_synthetic
 from fgir_jax.data.tfds_source import load_tfds
 
 __all__ = [
-    "Cached", "Dataset", "IMAGE_EXTENSIONS", "cached_crops", "cached_images", "class_traits",
+    "Cached", "Dataset", "IMAGE_EXTENSIONS", "UndecodableImage", "cached_crops", "cached_images",
+    "class_traits",
     "image_size", "image_sizes", "load_image", "load_tfds", "make_synthetic", "read_cub",
     "read_dogs", "read_folder", "resize_array", "to_rgb",
 ]

@@ -88,6 +88,15 @@ class Cached:
   hit: bool = False
 
 
+class UndecodableImage(ValueError):
+  """An image file that cannot be decoded; `path` names it, `reason` says why."""
+
+  def __init__(self, path: str, reason: str):
+    super().__init__(f"cannot decode image {path} ({reason}); replace or delete the file, or "
+                     "pass skip_bad=True to skip undecodable images.")
+    self.path, self.reason = path, reason
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
   """A PIL image converted to 8-bit RGB; alpha is composited on white."""
   if img.mode == "RGB" and "transparency" not in img.info:
@@ -123,8 +132,7 @@ def load_image(path: str, size: int, box=None, draft: bool = True) -> np.ndarray
     with Image.open(path) as img:
       return _resize(img, size, box, draft)
   except _DECODE_ERRORS as e:
-    raise ValueError(f"cannot decode image {path} ({type(e).__name__}: {e}); replace or delete "
-                     f"the file, or pass skip_bad=True to skip undecodable images.") from e
+    raise UndecodableImage(path, f"{type(e).__name__}: {e}") from e
 
 
 def resize_array(image: np.ndarray, size: int, box=None) -> np.ndarray:
@@ -271,9 +279,18 @@ def _cached(source, job: _Job, cache_dir) -> Cached:
   hit = _load(stem, fingerprint, job.size)
   if hit is not None:
     return hit
+  created = not os.path.isdir(cache_dir)
   os.makedirs(cache_dir, exist_ok=True)
   _remove_orphans(stem)
-  return _build(stem, job, fingerprint)
+  try:
+    return _build(stem, job, fingerprint)
+  except BaseException:
+    if created:  # a failed first decode leaves no empty cache folder behind
+      try:
+        os.rmdir(cache_dir)
+      except OSError:
+        pass
+    raise
 
 
 def _in_memory(images: np.ndarray, boxes, size: int) -> Cached:
@@ -394,7 +411,7 @@ def _decode_all(out, tmp, job: _Job) -> dict:
   tasks = [(paths[i:i + _CHUNK], None if boxes is None else boxes[i:i + _CHUNK], i)
            for i in range(0, n, _CHUNK)]
   bar = Progress(n, f"decode {job.label}", enabled=job.progress)
-  bad = {}
+  bad, completed = {}, False
   if job.executor == "thread":
     pool = futures.ThreadPoolExecutor(job.workers)
     submit = lambda t: pool.submit(_decode_chunk, out, *t, job.size, job.draft)
@@ -408,9 +425,9 @@ def _decode_all(out, tmp, job: _Job) -> dict:
       bad.update(errors)
       if errors and not job.skip_bad:
         i = min(errors)
-        raise ValueError(f"cannot decode image {paths[i]} ({errors[i]}); replace or delete the "
-                         f"file, or pass skip_bad=True to skip undecodable images.")
+        raise UndecodableImage(paths[i], errors[i])
       bar.update(count)
+    completed = True
   except BrokenProcessPool as e:
     raise RuntimeError(
         "a decoding worker process died; with executor='process' the script that calls the "
@@ -418,7 +435,7 @@ def _decode_all(out, tmp, job: _Job) -> dict:
         "executor='thread'.") from e
   finally:
     pool.shutdown(wait=True, cancel_futures=True)
-    bar.close()
+    bar.close(completed)
   if bad and job.progress:
     print(f"skipped {len(bad)} undecodable image(s), first: {paths[min(bad)]}", file=sys.stderr)
   return bad

@@ -40,7 +40,7 @@ class Run:
     """The decode cache: data.cache_dir, else <workdir>/cache (content-keyed, shared by reruns)."""
     if self.config.data.cache_dir:
       return self.config.data.cache_dir
-    return self.wd.dir("cache") if self.wd.writable else self.wd.file("cache")
+    return self.wd.file("cache")  # made by the cache on its first write
 
   def stage_key(self, name: str) -> jax.Array:
     """The stage's own key: distinct names give unrelated keys (stage2_24 vs stage2_42)."""

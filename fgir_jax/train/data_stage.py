@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 
 import numpy as np
 
@@ -69,10 +72,37 @@ def check_dataset(ds: data_lib.Dataset, echo=print) -> None:
          "positive and add no triplet to stage 2.")
 
 
+def files_digest(ds: data_lib.Dataset) -> str:
+  """A digest of what the data stage reads: each image file's path, size and modification
+  time (the pixels of in-memory images), and the labels, split, boxes and class names.
+  A replaced, added or removed image changes it; reading the files' contents is not needed."""
+  h = hashlib.sha256()
+  h.update(json.dumps([ds.name, list(ds.class_names)]).encode("utf-8"))
+  for array in (ds.labels, ds.is_train, ds.boxes):
+    if array is not None:
+      h.update(np.ascontiguousarray(array).tobytes())
+  if ds.paths is not None:
+    for path in ds.paths:
+      try:
+        st = os.stat(path)
+        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+      except OSError:  # missing: the decode names it (or skips it with data.skip_bad)
+        h.update(f"{path}\0missing\n".encode("utf-8", "surrogateescape"))
+  else:
+    h.update(np.ascontiguousarray(ds.images).tobytes())
+  return h.hexdigest()[:16]
+
+
 def stage_data(run: Run) -> dict:
   ds = run.dataset if run.dataset is not None else load_dataset(run.config)
-  cached = data_lib.cached_images(ds, run.size, run.cache_dir, skip_bad=run.config.data.skip_bad,
-                                  progress=bool(run.config.progress))
+  try:
+    cached = data_lib.cached_images(ds, run.size, run.cache_dir,
+                                    skip_bad=run.config.data.skip_bad,
+                                    progress=bool(run.config.progress))
+  except data_lib.UndecodableImage as e:
+    raise ValueError(f"cannot decode image {e.path} ({e.reason}); replace or delete the file, "
+                     f"or skip undecodable images: {run.command} --config.data.skip_bad=True"
+                     ) from None
   if len(cached.kept) != len(ds.labels):
     ds = ds.subset(cached.kept)
   run.dataset, run.images = ds, cached.images

@@ -6,24 +6,29 @@ the stages whose inputs changed since they last finished (stages.plan says
 which and why), each writing into its staging directory and committed when
 complete (workdir.py). A killed run resumes from its last Orbax checkpoint
 when the same command is run again; finished results are never deleted, only
-replaced by the completed results of a rerun.
+replaced by the completed results of a rerun. One command writes to a work
+directory at a time (`Workdir.writing`); it first completes a commit that a
+kill interrupted.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
 
 from fgir_jax import _validate
 from fgir_jax import models
-from fgir_jax.train import stage1
+from fgir_jax.models import weights as weights_lib
 from fgir_jax.train import config as config_lib
 from fgir_jax.train import data_stage
 from fgir_jax.train import evaluate
-from fgir_jax.train import stage2
 from fgir_jax.train import inference
+from fgir_jax.train import networks
 from fgir_jax.train import saliency_stage
+from fgir_jax.train import stage1
+from fgir_jax.train import stage2
 from fgir_jax.train import stages as stages_lib
 from fgir_jax.train.context import Run
 from fgir_jax.train.workdir import Workdir
@@ -37,7 +42,7 @@ def check_config(config, bits) -> None:
   _validate.check_choice(config.saliency.layer, inference.MAP_LAYERS, "saliency.layer")
   _validate.check_choice(config.model.dtype, ("float32", "bfloat16"), "model.dtype")
   _validate.check_choice(config.model.backbone, models.BACKBONES, "model.backbone")
-  models.retrieval_net.make_backbone(stage1.make_net(config, 2), parent=None)  # frozen_stages
+  models.retrieval_net.make_backbone(networks.make_net(config, 2), parent=None)  # frozen_stages
   pretrained = config.model.pretrained
   if pretrained and pretrained != "imagenet" and not os.path.isfile(pretrained):
     raise ValueError(f"model.pretrained={pretrained!r} is neither 'imagenet' nor an existing "
@@ -54,18 +59,18 @@ def check_config(config, bits) -> None:
 
 
 def check_rerun(config) -> set[str]:
-  """config.rerun as a set of concrete stages ("stage2" means every code length)."""
+  """config.rerun as a set of concrete stages ("stage2" and "evaluate": every code length)."""
   names = [n.strip() for n in str(config.rerun or "").split(",") if n.strip()]
   known = stages_lib.all_stages(config)
   out = set()
   for name in names:
-    if name == "stage2":
-      out.update(s for s in known if s.startswith("stage2_"))
+    if name in stages_lib.PER_LENGTH:
+      out.update(s for s in known if stages_lib.base_name(s) == name)
     elif name in known:
       out.add(name)
     else:
       raise ValueError(f"--config.rerun names {name!r}, which is not a stage of this run; "
-                       f"choose from {', '.join(['stage2'] + known)}.")
+                       f"choose from {', '.join(list(stages_lib.PER_LENGTH) + known)}.")
   return out
 
 
@@ -75,22 +80,41 @@ def stage_report(run: Run) -> dict:
   return {"report": os.path.relpath(path, run.wd.staging("report"))}
 
 
+_WEIGHTS_SHA = {}  # (path, size, mtime_ns) -> SHA-256: an ablation asks once per variant
+
+
+def weights_digest(config) -> str | None:
+  """The SHA-256 of the file behind model.pretrained (the standard file for "imagenet")."""
+  if not config.model.pretrained:
+    return None
+  path = (models.imagenet_file(config.model.backbone, progress=bool(config.progress))
+          if config.model.pretrained == "imagenet" else config.model.pretrained)
+  st = os.stat(path)
+  key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+  if key not in _WEIGHTS_SHA:
+    _WEIGHTS_SHA[key] = weights_lib.sha256_of(path)
+  return _WEIGHTS_SHA[key]
+
+
 # ----------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------
-def _run_stage(r: Run, stage: str) -> dict:
+def _run_stage(r: Run, stage: str, facts: stages_lib.Facts) -> dict:
   if stage == "saliency":
     if not r.config.saliency.enabled:
       return {"enabled": False}
     return saliency_stage.stage_saliency(r)
-  if r.crops is None:
+  if stage in ("stage1", "report") and r.crops is None:
     saliency_stage.load_crops(r)
+  base, bits = stages_lib.base_name(stage), stages_lib.bits_of(stage)
   if stage == "stage1":
     return stage1.stage_stage1(r)
-  if stage.startswith("stage2_"):
-    return stage2.stage_stage2(r, stages_lib.bits_of(stage))
-  if stage == "evaluate":
-    return evaluate.stage_evaluate(r)
+  if base == "stage2":
+    return stage2.stage_stage2(r, bits)
+  if base == "evaluate":
+    return evaluate.stage_evaluate(r, bits)
+  if stage == "results":
+    return evaluate.stage_results(r, facts.kept_bits)
   return stage_report(r)
 
 
@@ -101,30 +125,46 @@ def run(config, workdir: str, echo=print, reuse_from=(), command: str | None = N
   inputs are taken over instead of recomputed (the ablation's variants).
   command: the command line that runs this (kept in command.txt for the hints
   of search and serve).
+  Raises workdir.Busy (a ValueError) when another command is writing there.
   """
   bits = config_lib.bit_list(config)
   check_config(config, bits)  # bad values fail now, not hours in
   rerun = check_rerun(config)
   dataset = data_stage.load_dataset(config)  # a missing or degenerate dataset fails here
   data_stage.check_dataset(dataset, echo)
-  if config.model.pretrained == "imagenet":
-    # Fetched (or found) before anything is written: no network fails here, in one line.
-    models.imagenet_file(config.model.backbone, progress=bool(config.progress))
+  # The weights file is fetched (or found) and hashed before anything is written: no
+  # network fails here, in one line.
+  facts = stages_lib.Facts(data_files=data_stage.files_digest(dataset),
+                           weights=weights_digest(config))
   # Nothing was written before this line.
   r = Run(config, workdir, echo, command=command)
-  fps = stages_lib.fingerprints(config)
+  with r.wd.writing(r.command, echo):
+    return _run_stages(r, dataset, facts, rerun, reuse_from, command)
+
+
+def _run_stages(r: Run, dataset, facts, rerun, reuse_from, command) -> dict:
+  config, echo = r.config, r.echo
+  stage1_fp = stages_lib.fingerprints(config, facts)["stage1"]
+  facts = dataclasses.replace(facts, kept_bits=stages_lib.kept_lengths(config, r.wd, stage1_fp))
+  fps = stages_lib.fingerprints(config, facts)
   r.wd.use_staged(fps)
   _reuse(r, reuse_from, fps)
-  steps = stages_lib.plan(config, r.wd, rerun)
+  steps = stages_lib.plan(config, facts, r.wd, rerun)
   for line in stages_lib.describe(steps, config):
     echo(line)
+  if facts.kept_bits:
+    echo(f"kept from an earlier command: {', '.join(map(str, facts.kept_bits))}-bit codes "
+         "(search them with --bits; remove them with --mode remove --bits N)")
   todo = [step.stage for step in steps]
   skipped = [s for s in stages_lib.concrete(config) if s not in todo]
   if skipped:
     echo(f"already done, skipped: {', '.join(skipped)}")
+  data_seconds = 0.0
   if todo:
     r.dataset = dataset
+    started = time.time()
     summary = data_stage.stage_data(r)
+    data_seconds = time.time() - started
     echo(f"data: {summary['images']} images ({summary['train']} train / {summary['test']} test), "
          f"{summary['classes']} classes" + (f", {summary['skipped']} unreadable files skipped"
                                             if summary["skipped"] else ""))
@@ -135,17 +175,19 @@ def run(config, workdir: str, echo=print, reuse_from=(), command: str | None = N
       summary = data_stage.data_summary(r)
       data_stage.write_examples(r)
       r.wd.log("data", **summary)
+      started -= data_seconds  # the decode ran before the stages
     else:
       echo(f"== {step.stage}" + (" (resuming)" if "resuming" in step.reason else ""))
       try:
-        summary = _run_stage(r, step.stage)
+        summary = _run_stage(r, step.stage, facts)
       except BaseException:
         r.wd.abandon()  # the staged work stays, to resume; the finished results are untouched
         raise
     summary = dict(summary, seconds=round(time.time() - started, 1))
-    r.wd.finish(step.stage, summary, fps[step.stage], stages_lib.reads(config, step.stage))
+    r.wd.finish(step.stage, summary, fps[step.stage], stages_lib.reads(config, step.stage, facts),
+                stages_lib.upstream(config, step.stage, fps))
   # Everything this command computed replaces the finished results at once.
-  r.wd.commit_all(stages_lib.all_stages(config), config.to_dict(), command)
+  r.wd.commit_all(stages_lib.all_stages(config), config.to_dict(), command, echo=echo)
   path = r.wd.file("results.json")
   if os.path.exists(path):
     with open(path) as f:

@@ -101,8 +101,6 @@ def _run_facts(wd, config) -> dict:
   bits = sorted(int(b) for b in (results.get("map") or {}))
   boot = wd.read_log("saliency_net")
   summary = _read_json(wd.read("saliency", "summary.json"))
-  if not summary:  # an older run logged it only
-    summary = (wd.read_log("saliency") or [{}])[-1]
   return {
       "results": results, "bits": bits,
       # Table 1 of the paper is at 64 bits; take the longest code otherwise.
@@ -193,9 +191,12 @@ def _bits_section(facts, paper) -> list[str]:
   k_key = next((k for k in res if k.startswith("precision_at_")), "precision_at_10")
   header = ["bits", "mAP (stable ties)", "mAP (tie-aware)", k_key.replace("_at_", "@")]
   rows, cells = [], []
-  for b in sorted(set(PAPER_BITS) | set(facts["bits"])):
-    rows.append([b] + [pct((res.get(key) or {}).get(str(b)))
-                       for key in ("map", "map_tie_aware", k_key)])
+  kept = res.get("kept") or {}
+  for b in sorted(set(PAPER_BITS) | set(facts["bits"]) | {int(k) for k in kept}):
+    source = kept.get(str(b)) if str(b) in kept else {key: (res.get(key) or {}).get(str(b))
+                                                      for key in ("map", "map_tie_aware", k_key)}
+    label = f"{b} ({kept[str(b)]['note']})" if str(b) in kept else b
+    rows.append([label] + [pct(source.get(key)) for key in ("map", "map_tie_aware", k_key)])
     ours = paper.get("map_by_bits", {}).get(b)
     fph = paper.get("fph_map_by_bits", {}).get(b)
     cell = "not in PAPER.md (Table 3)" if ours is None else f"{pct(ours)} (ResNet18-I)"
@@ -235,14 +236,17 @@ def _run_section(wd, config) -> list[str]:
   rows = []
   for stage in stages_lib.all_stages(config)[:-1]:  # the report is being written
     marker = wd.done(stage) or {}
-    if "seconds" in marker:
-      rows.append([stage, f"{marker['seconds']:.1f} s", marker.get("adopted_from", "")])
+    if "adopted_from" in marker:
+      rows.append([stage, f"reused from {marker['adopted_from']}"])
+    elif "seconds" in marker:
+      rows.append([stage, f"{marker['seconds']:.1f} s"])
   devices = jax.devices()
   lines = ["## This run", "",
            f"jax {jax.__version__}, flax {flax.__version__}; {len(devices)} device(s): "
            f"{', '.join(sorted({d.device_kind for d in devices}))} ({jax.default_backend()}).", ""]
   if rows:
-    lines += [markdown_table(["stage", "time", "reused from"], rows), ""]
+    lines += [markdown_table(["stage", "time"], rows),
+              "", "Times are of the command that computed each stage.", ""]
   data = wd.done("data") or {}
   skipped = data.get("skipped_files") or []
   if data.get("skipped"):
@@ -289,7 +293,7 @@ def _figures(wd, config, facts, dataset, images, crops) -> tuple[list[str], dict
   for m, s in (report_plots.plot_stage2_curves(wd, facts["bits"], plots),
                report_plots.plot_map_vs_bits(facts["results"], plots),
                report_plots.plot_saliency_crops(wd, config, dataset, images, plots),
-               report_plots.plot_retrieval_grid(wd, dataset, shown, plots)):
+               report_plots.plot_retrieval_grid(wd, facts["bits"], dataset, shown, plots)):
     made += m
     skipped.update(s)
   return made, skipped

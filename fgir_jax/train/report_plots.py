@@ -11,9 +11,7 @@ with their top-10 database images by Hamming distance).
 
 from __future__ import annotations
 
-import glob
 import os
-import re
 
 import matplotlib
 
@@ -155,27 +153,20 @@ def top_results(q_packed: np.ndarray, db_packed: np.ndarray, k: int = TOP_K):
   return order, dist
 
 
-def longest_codes(wd):
-  """(bits, query, database) of the longest codes/codes_<bits>.npz, or None."""
-  found = {}
-  # codes/ since 0.2; stage2/ in earlier runs.
-  paths = (glob.glob(wd.file("stage2", "codes_*.npz"))
-           + glob.glob(wd.read("codes", "codes_*.npz")))
-  for path in paths:
-    m = re.fullmatch(r"codes_(\d+)\.npz", os.path.basename(path))
-    if m:
-      found[int(m.group(1))] = path
-  if not found:
-    return None
-  bits = max(found)
-  with np.load(found[bits]) as f:
-    return bits, f["query"], f["database"]
+def longest_codes(wd, bits):
+  """(bits, query, database) of the longest of `bits` with codes/codes_<bits>.npz, or None."""
+  for b in sorted(bits, reverse=True):
+    path = wd.read("codes", f"codes_{b}.npz")
+    if os.path.exists(path):
+      with np.load(path) as f:
+        return b, f["query"], f["database"]
+  return None
 
 
-def plot_retrieval_grid(wd, dataset, shown, plots: str):
+def plot_retrieval_grid(wd, bits, dataset, shown, plots: str):
   """A few queries, each with its top-10 database images (green right, red wrong)."""
   name = "retrieval_grid.png"
-  codes = longest_codes(wd)
+  codes = longest_codes(wd, bits)
   if codes is None:
     return [], {name: "no codes/codes_<bits>.npz (the evaluate stage did not run)"}
   if dataset is None or shown is None:

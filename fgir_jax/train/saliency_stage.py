@@ -2,32 +2,32 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from fgir_jax import data as data_lib
 from fgir_jax import saliency
+from fgir_jax.train import finished
+from fgir_jax.train import networks
 from fgir_jax.train import stage1
 from fgir_jax.train.context import Run
 from fgir_jax.train.workdir import write_json
 
 
 def saliency_network(run: Run):
-  """The network whose last feature map gives the saliency maps."""
-  sal = run.config.saliency
+  """(net, variables, bootstrap accuracy or None): the network whose last feature map gives
+  the saliency maps; saliency.network "stage1" trains it here (and saves it)."""
+  sal, classes = run.config.saliency, len(run.dataset.class_names)
   if sal.network == "pretrained":
     if not run.config.model.pretrained:
       raise ValueError("saliency.network='pretrained' needs --config.model.pretrained=imagenet "
                        "(or a .pth / .npz file), or use --config.saliency.network=stage1.")
-    net = stage1.make_net(run.config, len(run.dataset.class_names), enhance=False,
-                              frozen=False)
-    return net, stage1.init_variables(run, net, run.stage_key("saliency_net")), None
+    return (*finished.Finished(run).saliency_network(classes), None)
   if sal.network != "stage1":
     raise ValueError(f"saliency.network must be 'pretrained' or 'stage1', got {sal.network!r}.")
   # Bootstrap: a CE network trained on the uncropped images finds the object.
   net, variables, acc = stage1.train_classifier(run, "saliency_net", run.images,
-                                        epochs=int(sal.epochs))
+                                                epochs=int(sal.epochs))
+  networks.save_variables(run.wd.out("saliency", "network.msgpack"), variables)
   run.wd.log("saliency_net", uncropped_accuracy=acc)
   return net, variables, acc
 
@@ -55,13 +55,11 @@ def stage_saliency(run: Run) -> dict:
 
 
 def load_crops(run: Run) -> None:
-  """run.crops: the saliency crops when the saliency stage ran, else the images."""
-  path = run.wd.read("saliency", "boxes.npz")
-  if not run.config.saliency.enabled or not os.path.exists(path):
+  """run.crops: the saliency crops when the run crops, else the images."""
+  boxes = finished.Finished(run).boxes()
+  if boxes is None:
     run.crops = run.images
     return
-  boxes = np.load(path)["boxes"]
   run.crops = data_lib.cached_crops(run.dataset, boxes, run.size, run.cache_dir,
                                     skip_bad=run.config.data.skip_bad,
                                     progress=bool(run.config.progress)).images
-

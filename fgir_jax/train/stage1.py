@@ -7,51 +7,18 @@ see saliency_stage.py). Steps run data-parallel over the run's device mesh.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fgir_jax import metrics
-from fgir_jax import models
 from fgir_jax import parallel
 from fgir_jax.data import augment
 from fgir_jax.data import batching
 from fgir_jax.train import inference
+from fgir_jax.train import networks
 from fgir_jax.train import stage1_step
 from fgir_jax.train.checkpoints import StageCheckpoints
 from fgir_jax.train.context import Run, progress_bar
-
-
-def make_net(config, num_classes: int, enhance: bool | None = None,
-             frozen: bool = True) -> models.RetrievalNet:
-  """The stage-1 network of the config (no hash head: stage 2 trains it on features).
-
-  frozen=False leaves out model.frozen_stages (a network that is only run, never trained).
-  """
-  m = config.model
-  return models.RetrievalNet(
-      num_classes=num_classes, hash_bits=None,
-      enhance=m.enhance if enhance is None else enhance, width=m.width,
-      enhance_scale=m.enhance_scale, dtype=jnp.dtype(m.dtype), backbone=m.backbone,
-      depth=float(m.depth),
-      frozen_stages=int(m.frozen_stages) if frozen else 0)
-
-
-def pretrained_path(config) -> str | None:
-  """model.pretrained as load_imagenet's path: None for "imagenet" (the standard file)."""
-  return None if config.model.pretrained == "imagenet" else config.model.pretrained
-
-
-def init_variables(run: Run, net, key) -> dict:
-  dummy = jnp.zeros((1, run.size, run.size, 3), jnp.float32)
-  variables = jax.jit(functools.partial(net.init, train=False))(key, dummy)
-  if run.config.model.pretrained:
-    variables = models.load_imagenet(variables, backbone=net.backbone,
-                                     path=pretrained_path(run.config),
-                                     progress=bool(run.config.progress))
-  return variables
 
 
 def _inputs(run: Run, images, labels) -> batching.DeviceInput:
@@ -80,12 +47,12 @@ def train_classifier(run: Run, name: str, images: np.ndarray, epochs: int = 0):
     settings = dataclasses.replace(settings, epochs=int(epochs))
   train_in = _inputs(run, images[ds.is_train], ds.labels[ds.is_train])
   query_in = _inputs(run, images[~ds.is_train], ds.labels[~ds.is_train])
-  net = make_net(run.config, len(ds.class_names))
+  net = networks.make_net(run.config, len(ds.class_names))
   steps = train_in.steps_per_epoch(settings.batch_size, train_in.num_examples >= settings.batch_size)
   optimizer = stage1_step.make_optimizer(settings, steps, trainable=net.trainable_mask)
   key = run.stage_key(name)
   parallel.check_divisible(settings.batch_size, run.mesh, "stage1.batch_size")
-  state = stage1_step.create_state(init_variables(run, net, key), optimizer)
+  state = stage1_step.create_state(networks.init_variables(run.config, net, key), optimizer)
   with StageCheckpoints(run.wd.out_dir("ckpt", name), best_metric="accuracy",
                         echo=run.echo) as ckpt:
     start, acc = 0, float("nan")
@@ -160,43 +127,11 @@ def encode_all(run: Run, net, variables, images, desc: str, with_maps: bool = Fa
 
 
 def stage_stage1(run: Run) -> dict:
-  """Trains stage 1, then writes the frozen network's pooled features of every image
-  (stage1/features.npz), which stage 2 and the evaluation use."""
+  """Trains stage 1, then writes the final network (stage1/network.msgpack) and its pooled
+  features of every image (stage1/features.npz), which stage 2 and the evaluation use."""
   net, variables, acc = train_classifier(run, "stage1", run.crops)
+  networks.save_variables(run.wd.out("stage1", "network.msgpack"), variables)
   out = encode_all(run, net, variables, run.crops, "pooled features")
   np.savez(run.wd.out("stage1", "features.npz"), features=out["pooled"],
            labels=run.dataset.labels, is_train=run.dataset.is_train)
   return {"accuracy": acc}
-
-
-def restore_stage1(run: Run):
-  """The final stage-1 network of a finished run (for stage 2, evaluation, search)."""
-  return restore_classifier(run, "stage1")
-
-
-def restore_classifier(run: Run, name: str):
-  """(net, variables) of the last checkpoint of the classifier trained as `name`."""
-  net = make_net(run.config, len(run.dataset.class_names))
-  variables = init_variables_shapes(run, net, run.stage_key(name))
-  like = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-  with StageCheckpoints(run.wd.read("ckpt", name), best_metric="accuracy",
-                        read_only=True) as ckpt:
-    step = ckpt.latest_step()
-    if step is None:
-      raise ValueError(f"{run.wd.path} has no {name} checkpoint; train it first: {run.command}")
-    full, _ = ckpt.restore(step, _state_like(like, net))
-  return net, {"params": full["params"], "batch_stats": full["batch_stats"]}
-
-
-def init_variables_shapes(run: Run, net, key):
-  dummy = jax.ShapeDtypeStruct((1, run.size, run.size, 3), jnp.float32)
-  shapes = jax.eval_shape(functools.partial(net.init, train=False), key, dummy)
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-
-def _state_like(variables, net):
-  """A train state of the right structure to restore into (the optimizer masks frozen stages)."""
-  s1 = stage1_step.Stage1Settings()
-  optimizer = stage1_step.make_optimizer(s1, 1, trainable=net.trainable_mask)
-  return stage1_step.create_state(variables, optimizer)
-

@@ -2,30 +2,15 @@
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fgir_jax import metrics
+from fgir_jax.train import finished
 from fgir_jax.train import hash_layer
-from fgir_jax.train import stage1
 from fgir_jax.train.checkpoints import StageCheckpoints
 from fgir_jax.train.context import Run
-
-
-def pooled_features(run: Run) -> dict:
-  """Pooled features of the frozen stage-1 network for every image (stage 1 writes them)."""
-  for path in (run.wd.read("stage1", "features.npz"),
-               run.wd.file("stage2", "features.npz")):  # where runs before 0.2 kept them
-    if os.path.exists(path):
-      with np.load(path) as f:
-        return dict(f)
-  net, variables = stage1.restore_stage1(run)
-  out = stage1.encode_all(run, net, variables, run.crops, "pooled features")
-  return {"features": out["pooled"], "labels": run.dataset.labels,
-          "is_train": run.dataset.is_train}
 
 
 def stage2_settings(config, bits: int, num_classes: int = 0) -> hash_layer.Stage2Settings:
@@ -82,6 +67,6 @@ def train_bits(run: Run, feats: dict, bits: int) -> dict:
 
 def stage_stage2(run: Run, bits: int) -> dict:
   """Stage 2 at one code length: the hash layer, saved as stage2/hash_<bits>.npz."""
-  params = train_bits(run, pooled_features(run), bits)
+  params = train_bits(run, finished.Finished(run).features(), bits)
   np.savez(run.wd.out("stage2", f"hash_{bits}.npz"), **jax.device_get(params))
   return {"bits": bits}

@@ -1,15 +1,20 @@
 """The stages of a run as a graph keyed by their inputs: what each reads, what it writes.
 
 Every stage has
-  - the config keys it reads (`reads`),
-  - the stages whose outputs it uses (`after`),
+  - its inputs (`reads`): the config keys it reads, the facts measured for
+    them (the dataset's files, the weights file's SHA-256) and its code
+    version, which a change to the stage's computation bumps;
+  - the stages whose outputs it uses (`after`);
   - the paths it writes in the work directory (`OUTPUTS`).
-Its fingerprint hashes its keys' values with its upstream stages' fingerprints,
-so a changed key reruns exactly that stage and what depends on it, and
-nothing else: adding a code length trains one more hash layer, a stage-2
-setting keeps stage 1. Stage 2 is one stage per code length (`stage2_64`).
+Its fingerprint hashes its inputs with its upstream stages' fingerprints, so
+a changed key, file or computation reruns exactly that stage and what depends
+on it, and nothing else: adding a code length trains one more hash layer, a
+stage-2 setting keeps stage 1. Stage 2 and evaluation are one stage per code
+length (`stage2_64`, `evaluate_64`), each owning its outputs; `results`
+gathers the lengths of the config into results.json, and lists finished
+lengths the config no longer names (`Facts.kept_bits`) as kept.
 
-    steps = stages.plan(config, wd, rerun={"stage1"})
+    steps = stages.plan(config, facts, wd, rerun={"stage1"})
     for step in steps: print(step.stage, step.reason)
 """
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 
 from fgir_jax.train import config as config_lib
 
@@ -26,17 +32,39 @@ RUN_ONLY = ("stages", "rerun", "progress", "data.cache_dir", "eval.batch_size",
             "stage1.eval_every", "stage2.eval_every", "stage2.bits")
 RUN_ONLY_PREFIXES = ("parallel.",)
 
-# Paths each stage writes (relative to the work directory); "{bits}" for stage2_<bits>.
+# Paths each stage writes (relative to the work directory); "{bits}" for the per-length stages.
 OUTPUTS = {
     "data": ("examples",),
     "saliency": ("saliency", "ckpt/saliency_net"),
     "stage1": ("ckpt/stage1", "stage1"),
     "stage2": ("ckpt/stage2_{bits}", "stage2/hash_{bits}.npz"),
-    "evaluate": ("results.json", "index", "codes"),
+    "evaluate": ("evaluate/{bits}.json", "codes/codes_{bits}.npz", "index/index_{bits}.npz",
+                 "index/index_{bits}.json"),
+    "results": ("results.json",),
     "report": ("report.md", "plots"),
 }
 # metrics.jsonl rows that belong to each stage (copied with it when reused).
 LOG_STAGES = {"saliency": ("saliency", "saliency_net")}
+# Bumped when a stage computes something else from the same inputs: its
+# finished results (and those after it) are then recomputed.
+CODE_VERSIONS = {"data": 2, "saliency": 2, "stage1": 2, "stage2": 2, "evaluate": 2,
+                 "results": 2, "report": 2}
+PER_LENGTH = ("stage2", "evaluate")
+
+
+@dataclasses.dataclass(frozen=True)
+class Facts:
+  """What a stage's inputs hold beyond the config, measured when a command starts.
+
+  data_files: a digest of the dataset: each image file's path, size and
+    modification time, and the labels, split, boxes and class names.
+  weights: the SHA-256 of the file behind model.pretrained (None without one).
+  kept_bits: finished code lengths that config.stage2.bits no longer names and
+    that still belong to the finished stage 1 (`kept_lengths`).
+  """
+  data_files: str | None = None
+  weights: str | None = None
+  kept_bits: tuple[int, ...] = ()
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -63,12 +91,14 @@ def _pick(flat: dict, prefixes: tuple[str, ...], exclude: tuple[str, ...] = ()) 
 
 
 def base_name(stage: str) -> str:
-  """stage2_64 -> stage2."""
-  return "stage2" if stage.startswith("stage2_") else stage
+  """stage2_64 -> stage2, evaluate_64 -> evaluate."""
+  head, _, tail = stage.partition("_")
+  return head if head in PER_LENGTH and tail.isdigit() else stage
 
 
 def bits_of(stage: str) -> int | None:
-  return int(stage.split("_", 1)[1]) if stage.startswith("stage2_") else None
+  head, _, tail = stage.partition("_")
+  return int(tail) if head in PER_LENGTH and tail.isdigit() else None
 
 
 def outputs(stage: str) -> tuple[str, ...]:
@@ -76,44 +106,59 @@ def outputs(stage: str) -> tuple[str, ...]:
   return tuple(p.format(bits=bits) for p in OUTPUTS[base_name(stage)])
 
 
+def per_length(config, base: str) -> list[str]:
+  return [f"{base}_{b}" for b in config_lib.bit_list(config)]
+
+
 def concrete(config) -> list[str]:
-  """The stages config.stages names, stage2 expanded per code length, in run order."""
+  """The stages config.stages names, stage2 and evaluate expanded per code length, in run order."""
   names = []
   for stage in config_lib.stage_list(config):
     if stage == "stage2":
-      names += [f"stage2_{b}" for b in config_lib.bit_list(config)]
+      names += per_length(config, "stage2")
+    elif stage == "evaluate":
+      names += per_length(config, "evaluate") + ["results"]
     else:
       names.append(stage)
   return names
 
 
 def all_stages(config) -> list[str]:
-  return ["data", "saliency", "stage1"] + [f"stage2_{b}" for b in config_lib.bit_list(config)] + [
-      "evaluate", "report"]
+  return (["data", "saliency", "stage1"] + per_length(config, "stage2")
+          + per_length(config, "evaluate") + ["results", "report"])
 
 
-def reads(config, stage: str) -> dict:
-  """{key: value} of the config keys `stage` reads."""
+def reads(config, stage: str, facts: Facts = Facts()) -> dict:
+  """{key: value} of the inputs `stage` reads: config keys, measured facts, its code version."""
+  inputs = _config_reads(config, stage, facts)
+  inputs["code_version"] = CODE_VERSIONS[base_name(stage)]
+  return inputs
+
+
+def _config_reads(config, stage: str, facts: Facts) -> dict:
   flat = comparable(config)
   model = ("model.",)
   stage1 = ("stage1.",)
+  weights = {"model.pretrained_sha256": facts.weights} if config.model.pretrained else {}
   if stage == "data":
-    return _pick(flat, ("seed", "data."))
+    return dict(_pick(flat, ("seed", "data.")), **{"data.files": facts.data_files})
   if stage == "saliency":
     if not config.saliency.enabled:
       return {"saliency.enabled": False}
     if config.saliency.network == "pretrained":
       # A network that is only run: the ImageNet backbone, without block or heads.
-      return _pick(flat, ("saliency.", "model.backbone", "model.width", "model.depth",
-                          "model.pretrained",
-                          "model.dtype"), exclude=("saliency.epochs",))
-    return _pick(flat, ("seed", "saliency.") + model + stage1)  # the bootstrap classifier
+      return dict(_pick(flat, ("saliency.", "model.backbone", "model.width", "model.depth",
+                               "model.pretrained", "model.dtype"),
+                        exclude=("saliency.epochs",)), **weights)
+    return dict(_pick(flat, ("seed", "saliency.") + model + stage1), **weights)  # bootstrap
   if stage == "stage1":
-    return _pick(flat, ("seed",) + model + stage1)
+    return dict(_pick(flat, ("seed",) + model + stage1), **weights)
   if stage.startswith("stage2_"):
     return dict(_pick(flat, ("seed", "stage2.")), bits=bits_of(stage))
-  if stage == "evaluate":
-    return dict(_pick(flat, ("eval.",)), bits=config_lib.bit_list(config))
+  if stage.startswith("evaluate_"):
+    return dict(_pick(flat, ("eval.",)), bits=bits_of(stage))
+  if stage == "results":
+    return {"bits": config_lib.bit_list(config), "kept_bits": list(facts.kept_bits)}
   if stage == "report":
     return flat
   raise ValueError(f"unknown stage {stage!r}.")
@@ -129,20 +174,50 @@ def after(config, stage: str) -> tuple[str, ...]:
     return ("data", "saliency")
   if stage.startswith("stage2_"):
     return ("stage1",)
-  if stage == "evaluate":
-    return tuple(f"stage2_{b}" for b in config_lib.bit_list(config))
-  return ("saliency", "stage1", "evaluate")
+  if stage.startswith("evaluate_"):
+    return (f"stage2_{bits_of(stage)}",)
+  if stage == "results":
+    return ("saliency", "stage1") + tuple(per_length(config, "evaluate"))
+  return ("saliency", "stage1", "results")
 
 
-def fingerprints(config) -> dict[str, str]:
+def fingerprints(config, facts: Facts = Facts()) -> dict[str, str]:
   """{stage: hash of its inputs and its upstream stages' fingerprints}."""
   out = {}
   for stage in all_stages(config):
-    blob = json.dumps({"reads": reads(config, stage),
+    blob = json.dumps({"reads": reads(config, stage, facts),
                        "after": {a: out[a] for a in after(config, stage)}},
                       sort_keys=True, default=str)
     out[stage] = hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
   return out
+
+
+def upstream(config, stage: str, fps: dict) -> dict:
+  """{upstream stage: fingerprint}, recorded in a marker to check a finished chain later."""
+  return {a: fps[a] for a in after(config, stage)}
+
+
+def kept_lengths(config, wd, stage1_fingerprint: str) -> tuple[int, ...]:
+  """Finished code lengths outside config.stage2.bits whose hash layer was trained on the
+  stage 1 of `stage1_fingerprint` and whose evaluation belongs to that hash layer."""
+  wanted = set(config_lib.bit_list(config))
+  kept = []
+  for bits in finished_lengths(wd):
+    if bits in wanted:
+      continue
+    hash_marker = wd.final_marker(f"stage2_{bits}") or {}
+    eval_marker = wd.final_marker(f"evaluate_{bits}") or {}
+    if (hash_marker.get("after", {}).get("stage1") == stage1_fingerprint
+        and eval_marker.get("after", {}).get(f"stage2_{bits}") == hash_marker.get("fingerprint")):
+      kept.append(bits)
+  return tuple(sorted(kept))
+
+
+def finished_lengths(wd) -> list[int]:
+  """Code lengths with a finished evaluation marker in the work directory."""
+  names = os.listdir(wd.file("stages")) if os.path.isdir(wd.file("stages")) else []
+  return sorted(b for b in (bits_of(n[:-5]) for n in names
+                            if n.startswith("evaluate_") and n.endswith(".json")) if b)
 
 
 @dataclasses.dataclass
@@ -153,26 +228,19 @@ class Step:
   replaces: bool        # a finished result exists and will be replaced when this one is done
 
 
-def _changes(old: dict, new: dict) -> list[str]:
-  keys = sorted(set(old) | set(new))
-  return [f"{k} {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}"
-          for k in keys if old.get(k) != new.get(k)]
-
-
-def plan(config, wd, rerun=()) -> list[Step]:
+def plan(config, facts: Facts, wd, rerun=()) -> list[Step]:
   """The stages of config.stages to run now, in order, each with its reason.
 
-  A stage runs when it never finished, when one of its keys or upstream stages
-  changed since it finished, or when `rerun` names it (or a stage upstream).
-  A stage this command already finished in staging (killed before the end)
-  does not run again. Markers written before inputs were recorded count as up
-  to date.
+  A stage runs when it never finished, when one of its inputs or upstream
+  stages changed since it finished, or when `rerun` names it (or a stage
+  upstream). A stage this command already finished in staging (killed before
+  the end) does not run again.
   """
-  fps, todo = fingerprints(config), set(concrete(config))
+  fps, todo = fingerprints(config, facts), set(concrete(config))
   forced, steps, changed = set(rerun), [], set()
   for stage in all_stages(config):
     marker = wd.final_marker(stage)
-    current = marker is not None and marker.get("fingerprint") in (None, fps[stage])
+    current = marker is not None and marker.get("fingerprint") == fps[stage]
     if wd.staged_marker(stage, fps[stage]) is not None:
       if not current or stage in forced:
         changed.add(stage)  # finished in staging, replaces the final result at the end
@@ -182,11 +250,15 @@ def plan(config, wd, rerun=()) -> list[Step]:
       reason, replaces = ("resuming" if wd.staging_matches(stage, fps[stage]) else "not run yet"), False
     elif stage in forced:
       reason, replaces = "rerun requested (--config.rerun)", True
+    elif not current and _own_inputs_changed(marker, reads(config, stage, facts)):
+      reason, replaces = _why_changed(marker.get("inputs", {}), reads(config, stage, facts)), True
     elif ups:
-      reason, replaces = f"{', '.join(ups)} changed", True
+      new = [a for a in ups if wd.final_marker(a) is None]
+      reason = ", ".join([f"{a} changed" for a in ups if a not in new]
+                         + [f"{a} is new" for a in new])
+      replaces = True
     elif not current:
-      diff = _changes(marker.get("inputs", {}), reads(config, stage))
-      reason, replaces = (", ".join(diff) or "its inputs changed"), True
+      reason, replaces = "its inputs changed", True
     else:
       continue
     if wd.staging_matches(stage, fps[stage]) and reason != "resuming":
@@ -195,6 +267,33 @@ def plan(config, wd, rerun=()) -> list[Step]:
     if stage in todo:
       steps.append(Step(stage, reason, replaces))
   return steps
+
+
+def _own_inputs_changed(marker: dict, inputs: dict) -> bool:
+  return marker.get("inputs") != json.loads(json.dumps(inputs, default=str))
+
+
+def _why_changed(old: dict, new: dict) -> str:
+  if "code_version" not in old:
+    return ("recorded by an older fgir_jax, before the dataset's files, the weights file and "
+            "the code were part of a stage's inputs")
+  if old.get("code_version") != new.get("code_version"):
+    return f"its computation changed (code version {old['code_version']} -> {new['code_version']})"
+  lines = []
+  for k in sorted(set(old) | set(new)):
+    if old.get(k) == new.get(k):
+      continue
+    if k == "data.files":
+      lines.append("the dataset's files changed")
+    elif k == "model.pretrained_sha256":
+      lines.append("the weights file behind model.pretrained changed")
+    elif k in ("bits", "kept_bits"):
+      name = "code lengths" if k == "bits" else "kept code lengths"
+      show = lambda v: ", ".join(map(str, v or [])) or "none"
+      lines.append(f"{name} {show(old.get(k))} -> {show(new.get(k))}")
+    else:
+      lines.append(f"{k} {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}")
+  return ", ".join(lines) or "its inputs changed"
 
 
 def describe(steps: list[Step], config) -> list[str]:

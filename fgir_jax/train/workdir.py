@@ -5,14 +5,21 @@ Layout:
     metrics.jsonl        one JSON object per line: {"stage", "epoch", ...}
     stages/<name>.json   written when a stage finishes: its summary, inputs, fingerprint
     .staging/<name>/     a stage's outputs while it runs (and its checkpoints, to resume)
-    saliency/, ckpt/, stage1/, stage2/, codes/, index/, results.json, report.md, plots/
-                         each stage's finished outputs (stages.OUTPUTS)
+    .staging/commit.json the moves of a commit under way (see `commit_all`)
+    .lock                the write lock, naming the command that holds it
+    additions/           images added with --mode index, replayed by evaluation
+    saliency/, ckpt/, stage1/, stage2/, evaluate/, codes/, index/, results.json,
+    report.md, plots/    each stage's finished outputs (stages.OUTPUTS)
 
-A stage writes only under its staging directory (`out`); `commit` then moves
-each output into place and writes the marker. So a stage that is rerun leaves
-the previous results readable until the new ones are complete, and a kill at
-any moment loses nothing: the next run resumes the staged work when its inputs
-are the same, and otherwise starts the stage afresh beside the old results.
+A stage writes only under its staging directory (`out`); `commit_all` then
+moves each output into place and writes the marker. So a stage that is rerun
+leaves the previous results readable until the new ones are complete, and a
+kill at any moment loses nothing: the next run resumes the staged work when
+its inputs are the same, and otherwise starts the stage afresh beside the old
+results. The commit writes down its moves before the first rename; the next
+command that opens the directory for writing finishes them (`recover`), and
+no move ever removes a finished output whose replacement is not there.
+One command writes at a time (`writing`); readers take no lock.
 
 `Workdir(path, writable=False)` opens a finished run without writing anything
 into it (search, serve), so a read-only or shared run can be used.
@@ -20,13 +27,27 @@ into it (search, serve), so a read-only or shared run can be used.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
 from typing import Any
 
+try:
+  import fcntl
+except ImportError:  # Windows: no advisory locks; one writer at a time is then up to the user
+  fcntl = None
+
 STAGING = ".staging"
+JOURNAL = "commit.json"
+LOCK = ".lock"
+# What a replaced output is renamed to while its replacement moves in.
+REPLACED = ".replaced"
+
+
+class Busy(ValueError):
+  """Another command is writing to the work directory."""
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -57,11 +78,33 @@ def _outputs_of(stage: str):
   return stages.outputs(stage)
 
 
-def _remove(path: str) -> None:
+def remove_path(path: str) -> None:
+  """Removes a file, link or whole folder; nothing when it is not there."""
   if os.path.isdir(path) and not os.path.islink(path):
     shutil.rmtree(path)
   elif os.path.lexists(path):
     os.remove(path)
+
+
+def _rename(src: str, dst: str) -> None:
+  os.replace(src, dst)
+
+
+def _move_into_place(src: str, dst: str) -> None:
+  """Replaces dst by the staged src; safe to repeat after a kill at any point.
+
+  src present: dst (if any) goes aside to dst.replaced, src takes its place.
+  src gone: the move is done; only the set-aside copy is left to remove.
+  A dst whose src is gone is never touched.
+  """
+  aside = dst + REPLACED
+  if os.path.lexists(src):
+    if os.path.lexists(dst):
+      remove_path(aside)  # a set-aside copy of an earlier, finished move
+      _rename(dst, aside)
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    _rename(src, dst)
+  remove_path(aside)
 
 
 class Workdir:
@@ -137,7 +180,7 @@ class Workdir:
     """
     resumed = self.staging_matches(stage, fingerprint)
     if not resumed:
-      _remove(self.staging(stage))
+      remove_path(self.staging(stage))
       os.makedirs(self.staging(stage))
       with open(os.path.join(self.staging(stage), "fingerprint"), "w") as f:
         f.write(fingerprint + "\n")
@@ -171,9 +214,15 @@ class Workdir:
           break
     return self.file(rel)
 
-  def finish(self, stage: str, summary: dict, fingerprint: str, inputs: dict) -> None:
-    """Marks the staged stage complete; it is moved into place by `commit_all`."""
-    marker = dict(summary, finished=time.time(), fingerprint=fingerprint, inputs=inputs)
+  def finish(self, stage: str, summary: dict, fingerprint: str, inputs: dict,
+             after: dict | None = None) -> None:
+    """Marks the staged stage complete; it is moved into place by `commit_all`.
+
+    after: {upstream stage: fingerprint} it was computed from (a finished
+    chain is checked against it later).
+    """
+    marker = dict(summary, finished=time.time(), fingerprint=fingerprint, inputs=inputs,
+                  after=after or {})
     write_json(os.path.join(self.staging(stage), "marker.json"), marker)
     self.active = self.active_fingerprint = None
 
@@ -181,45 +230,100 @@ class Workdir:
     """Leaves the staged work where it is (to resume) and stops pointing `out` at it."""
     self.active = self.active_fingerprint = None
 
-  def commit_all(self, stages, config_dict: dict | None = None, command: str | None = None) -> list:
+  def commit_all(self, stages, config_dict: dict | None = None, command: str | None = None,
+                 echo=None) -> list:
     """Moves every stage finished in staging (with the current inputs) into place, in order.
 
-    Each output replaces its previous version (a file or a whole directory) in
-    one rename; outputs a stage did not produce this time are removed, so
-    nothing stale is left beside the new results. Then the markers, then the
-    config and command of the finished results. Returns the stages committed.
+    Each output the stage produced replaces its previous version (a file or a
+    whole directory); an output it did not produce this time is left as it
+    is. Then its marker, then the config and command of the finished
+    results. The moves are written down first (.staging/commit.json), so a
+    kill anywhere in between is completed by the next writing command
+    (`recover`). Returns the stages committed.
     """
-    committed = []
+    planned = []
     for stage in stages:
       fp = self.current.get(stage)
-      marker = None if fp is None else self.staged_marker(stage, fp)
-      if marker is None:
+      if fp is None or self.staged_marker(stage, fp) is None:
         continue
       staged = self.staging(stage)
-      for rel in _outputs_of(stage):
-        src, dst = os.path.join(staged, rel), self.file(rel)
-        old = f"{dst}.old-{os.getpid()}"
-        if os.path.lexists(dst):
-          os.makedirs(os.path.dirname(old), exist_ok=True)
-          os.replace(dst, old)
-        if os.path.lexists(src):
-          os.makedirs(os.path.dirname(dst), exist_ok=True)
-          os.replace(src, dst)
-        _remove(old)
-      self.dir("stages")
-      write_json(self.file("stages", f"{stage}.json"), marker)
-      _remove(staged)
-      committed.append(stage)
+      produced = [rel for rel in _outputs_of(stage) if os.path.lexists(os.path.join(staged, rel))]
+      replaced = [rel for rel in produced if os.path.lexists(self.file(rel))]
+      if replaced and echo is not None:
+        echo(f"{stage}: replacing {', '.join(replaced)}")
+      planned.append({"stage": stage, "fingerprint": fp, "outputs": produced})
+    journal = {"stages": planned, "config": config_dict, "command": command}
+    os.makedirs(self.file(STAGING), exist_ok=True)
+    write_json(self.file(STAGING, JOURNAL), journal)  # from here on, `recover` completes it
+    self._apply(journal)
+    return [entry["stage"] for entry in planned]
+
+  def recover(self, echo=print) -> list:
+    """Finishes the commit an interrupted command began (.staging/commit.json), if any.
+
+    Every writing command calls this first, holding the lock. Returns the
+    stages it completed.
+    """
+    path = self.file(STAGING, JOURNAL)
+    if not os.path.exists(path):
+      return []
+    try:
+      with open(path) as f:
+        journal = json.load(f)
+    except ValueError:  # written atomically, so this is not a half-written journal
+      raise ValueError(f"{path} is not a commit journal fgir_jax wrote; move it away and run "
+                       "again.") from None
+    names = [entry["stage"] for entry in journal["stages"]]
+    echo(f"finishing the commit of an interrupted command: {', '.join(names) or 'its config'}")
+    self._apply(journal)
+    return names
+
+  def _apply(self, journal: dict) -> None:
+    """Carries out a commit's planned moves; each step is safe to repeat."""
+    for entry in journal["stages"]:
+      staged = self.staging(entry["stage"])
+      if not os.path.isdir(staged):
+        continue  # committed before the kill
+      for rel in entry["outputs"]:
+        _move_into_place(os.path.join(staged, rel), self.file(rel))
+      marker = os.path.join(staged, "marker.json")
+      if os.path.exists(marker):  # gone only if the staging folder was being removed
+        with open(marker) as f:
+          self.dir("stages")
+          write_json(self.file("stages", f"{entry['stage']}.json"), json.load(f))
+      remove_path(staged)
+    if journal.get("config") is not None:
+      self.save_config(journal["config"])
+    if journal.get("command"):
+      _write_text(self.file("command.txt"), journal["command"] + "\n")
+    remove_path(self.file(STAGING, JOURNAL))
     try:
       os.rmdir(self.file(STAGING))  # only when nothing else waits there
     except OSError:
       pass
-    if config_dict is not None:
-      self.save_config(config_dict)
-    if command:
-      with open(self.file("command.txt"), "w") as f:
-        f.write(command + "\n")
-    return committed
+
+  @contextlib.contextmanager
+  def writing(self, command: str, echo=print):
+    """Holds the directory's write lock for a writing command, after finishing any
+    interrupted commit. A second writer gets `Busy`, naming the holder; the lock of
+    a process that died is released with it, so it is taken over."""
+    path = self.file(LOCK)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      if fcntl is not None:
+        try:
+          fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+          holder = _lock_holder(path)
+          raise Busy(f"{self.path} is in use by another command ({holder}); wait for it to "
+                     "finish, or use another --workdir.") from None
+      os.ftruncate(fd, 0)
+      os.write(fd, json.dumps({"pid": os.getpid(), "command": command,
+                               "since": round(time.time())}).encode("utf-8"))
+      self.recover(echo)
+      yield self
+    finally:
+      os.close(fd)  # releases the lock
 
   # ---- stages -----------------------------------------------------------------
   def done(self, stage: str) -> dict | None:
@@ -241,15 +345,6 @@ class Workdir:
       return None
     with open(path) as f:
       return json.load(f)
-
-  def mark_done(self, stage: str, summary: dict, fingerprint: str | None = None,
-                inputs: dict | None = None) -> None:
-    """Writes a final marker directly (stages that stage nothing, and tests)."""
-    self.dir("stages")
-    marker = dict(summary, finished=time.time())
-    if fingerprint is not None:
-      marker.update(fingerprint=fingerprint, inputs=inputs or {})
-    write_json(self.file("stages", f"{stage}.json"), marker)
 
   def adopt(self, source: "Workdir", stage: str, log_stages) -> None:
     """Stages `source`'s finished `stage` (outputs, log rows, marker) as this command's own."""
@@ -297,13 +392,30 @@ class Workdir:
 
     def is_current(row):
       if "fp" not in row:
-        return True  # written before rows were tagged
+        return True  # written outside any stage: no stage's results replace it
       owner = row["owner"]
       if owner not in markers:
         markers[owner] = (self.done(owner) or {}).get("fingerprint")
       return markers[owner] in (None, row["fp"])
 
     return [r for r in rows if is_current(r)]
+
+
+def _write_text(path: str, text: str) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def _lock_holder(path: str) -> str:
+  """"pid N: COMMAND" of the process holding the lock, from the lock file."""
+  try:
+    with open(path) as f:
+      info = json.loads(f.read() or "{}")
+    return f"pid {info.get('pid', '?')}: {info.get('command') or 'unknown command'}"
+  except (OSError, ValueError):
+    return "unknown process"
 
 
 def _plain(value):
