@@ -31,9 +31,11 @@ def test_ablation_runs_variants_and_writes_the_table(tmp_path):
   with open(os.path.join(workdir, "ablation.json")) as f:
     saved = json.load(f)
   assert saved["full"]["map"] == rows["full"]["map"]
-  # Each variant is a complete run with its own report.
+  # Each variant is a complete run with its own report, whose stage table says what it reused.
   for name in rows:
     assert os.path.exists(os.path.join(workdir, name, "report.md"))
+  with open(os.path.join(workdir, "triplet", "report.md")) as f:
+    assert f"| stage1 | reused from {os.path.abspath(os.path.join(workdir, 'full'))} |" in f.read()
 
   # Run again: everything is done, nothing is retrained.
   again = []

@@ -318,7 +318,7 @@ def test_pth_to_npz_converter_round_trip(tmp_path, capsys):
   from_npz = models.load_torchvision_resnet18(tmp_path / "r18.npz", v)
   from_pth = models.load_torchvision_resnet18(tmp_path / "r18.pth", v)
   jax.tree.map(np.testing.assert_array_equal, from_npz, from_pth)
-  assert convert_weights.main([str(tmp_path / "missing.pth"), str(tmp_path / "x.npz")]) == 1
+  assert convert_weights.main([str(tmp_path / "missing.pth"), str(tmp_path / "x.npz")]) == 2
 
 
 # --------------------------------------------------------------------------

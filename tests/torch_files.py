@@ -31,17 +31,19 @@ def named_global(module: str, name: str):
 
 
 class _Storage:
-  def __init__(self, key: str, array: np.ndarray):
+  def __init__(self, key: str, array: np.ndarray, numel=None):
     self.key, self.array = key, np.ascontiguousarray(array).reshape(-1)
+    self.numel = self.array.size if numel is None else numel  # what the pickle declares
 
 
 class _Tensor:
-  def __init__(self, storage: _Storage, shape, strides):
-    self.storage, self.shape, self.strides = storage, shape, strides
+  def __init__(self, storage: _Storage, shape, strides, offset=0):
+    self.storage, self.shape, self.strides, self.offset = storage, shape, strides, offset
 
   def __reduce__(self):
     return (named_global("torch._utils", "_rebuild_tensor_v2"),
-            (self.storage, 0, self.shape, self.strides, False, collections.OrderedDict()))
+            (self.storage, self.offset, self.shape, self.strides, False,
+             collections.OrderedDict()))
 
 
 class _Call:
@@ -71,7 +73,7 @@ class _Writer(pickle._Pickler):  # pylint: disable=protected-access  (the Python
     if not isinstance(obj, _Storage):
       return None
     storage_type = named_global("torch", _STORAGE_NAMES[obj.array.dtype])
-    record = ("storage", storage_type, obj.key, "cpu", obj.array.size)
+    record = ("storage", storage_type, obj.key, "cpu", obj.numel)
     return record + (None,) if self.legacy else record
 
 
@@ -82,7 +84,7 @@ def _tensors(state: dict):
     array = np.asarray(array)
     storage = _Storage(str(i), array)
     storages.append(storage)
-    strides = tuple(s // array.itemsize for s in np.ascontiguousarray(array).strides)
+    strides = tuple(s // array.itemsize for s in np.ascontiguousarray(array).strides)[:array.ndim]
     tensors[name] = _Tensor(storage, tuple(array.shape), strides)
   return tensors, storages
 
@@ -154,3 +156,50 @@ def lite_state_dict(net, seed: int = 0, image_shape=(1, 32, 32, 3)) -> dict:
       fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 10
       state[name] = rng.normal(0, np.sqrt(2.0 / fan_in), shape).astype(np.float32)
   return state
+
+
+# ----------------------------------------------------------------------------
+# Crafted files: what a hostile or broken checkpoint can declare.
+# ----------------------------------------------------------------------------
+class View:
+  """A tensor over a storage of `values`, at any offset, sizes and strides; `numel` overrides
+  the storage's element count the pickle declares, `count` the legacy stream's."""
+
+  def __init__(self, values, size, stride, offset=0, numel=None, count=None):
+    self.values, self.size, self.stride, self.offset = np.asarray(values), size, stride, offset
+    self.numel, self.count = numel, count
+
+
+def write_views(path, views: dict, legacy=False, deflate=False) -> None:
+  """A checkpoint of crafted views {name: View}, each over its own storage."""
+  storages, tensors = [], collections.OrderedDict()
+  for i, (name, view) in enumerate(views.items()):
+    storage = _Storage(str(i), view.values, view.numel)
+    storages.append(storage)
+    tensors[name] = _Tensor(storage, tuple(view.size), tuple(view.stride), view.offset)
+  if legacy:
+    out = io.BytesIO()
+    for header in (0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001,
+                                                   "little_endian": True}):
+      pickle.dump(header, out, protocol=2)
+    out.write(_pickle(tensors, legacy=True))
+    pickle.dump([s.key for s in storages], out, protocol=2)
+    for s, view in zip(storages, views.values()):
+      out.write(struct.pack("<q", s.array.size if view.count is None else view.count))
+      out.write(s.array.tobytes())
+    with open(path, "wb") as f:
+      f.write(out.getvalue())
+    return
+  kind = zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED
+  with zipfile.ZipFile(path, "w", kind) as z:
+    z.writestr("archive/data.pkl", _pickle(tensors, legacy=False))
+    z.writestr("archive/byteorder", "little")
+    for s in storages:
+      z.writestr(f"archive/data/{s.key}", s.array.tobytes())
+
+
+def write_pickle(path, data: bytes) -> None:
+  """A zip checkpoint whose data.pkl is `data`, raw pickle bytes."""
+  with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+    z.writestr("archive/data.pkl", data)
+    z.writestr("archive/byteorder", "little")

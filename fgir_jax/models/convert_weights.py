@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     shapes = convert(args.src, args.dst)
   except (OSError, ImportError, ValueError, RuntimeError) as e:
     print(f"convert_weights: error: {e}", file=sys.stderr)
-    return 1
+    return 2
   count = sum(int(np.prod(s)) for s in shapes.values())
   print(f"wrote {args.dst}: {len(shapes)} tensors, {count:,} values")
   return 0

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fgir_jax.models import npz_file
 from fgir_jax.models import torch_checkpoint
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     raise FileNotFoundError(f"weights file {path!r} does not exist.")
   ext = os.path.splitext(path)[1].lower()
   if ext == ".npz":
-    with np.load(path, allow_pickle=False) as f:
-      return {k: f[k] for k in f.files}
+    return npz_file.load(path)
   if ext in (".pth", ".pt"):
     return torch_checkpoint.load_state_dict(path)
   raise ValueError(f"weights file {path!r} must end in .npz, .pth or .pt.")
