@@ -53,6 +53,10 @@ _HOST = flags.DEFINE_string("host", "127.0.0.1", "--mode serve: the address to l
 _PORT = flags.DEFINE_integer("port", 8000, "--mode serve: the port to listen on.")
 _MAX_UPLOAD = flags.DEFINE_float("max_upload_mb", 20.0, "--mode serve: the largest image upload "
                                  "accepted, in megabytes.")
+_MAX_MEGAPIXELS = flags.DEFINE_float("max_megapixels", 40.0, "--mode serve: the largest image "
+                                     "accepted, in millions of pixels (checked before decoding).")
+_ALLOWED_HOSTS = flags.DEFINE_list("allowed_hosts", [], "--mode serve: Host names the server "
+                                   "answers besides localhost, 127.0.0.1 and ::1 (comma-separated).")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show the full traceback of an error.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -117,7 +121,8 @@ def run_mode(mode: str, config, workdir: str) -> None:
   elif mode == "serve":
     from fgir_jax.commands import serve
     serve.serve(config, workdir, host=_HOST.value, port=_PORT.value,
-                max_upload_mb=_MAX_UPLOAD.value)
+                max_upload_mb=_MAX_UPLOAD.value, max_megapixels=_MAX_MEGAPIXELS.value,
+                allowed_hosts=_ALLOWED_HOSTS.value)
   elif mode == "remove":
     from fgir_jax.commands import remove
     remove.remove_command(workdir, _BITS.value, command=" ".join(sys.argv))

@@ -36,7 +36,7 @@ def service(tiny_run):
 
 @pytest.fixture(scope="module")
 def client(service):
-  return TestClient(serve.create_app(service))
+  return TestClient(serve.create_app(service), base_url="http://localhost")
 
 
 @pytest.fixture(scope="module")
@@ -159,13 +159,195 @@ def _live_search(url, path, k, bits):
   return response.json()
 
 
-def test_fifty_concurrent_searches_equal_the_same_searches_alone(live, queries):
+def test_fifty_concurrent_searches_are_batched_and_equal_the_same_searches_alone(service, live,
+                                                                                 queries):
   jobs = [(queries[0][i % 4], 3 + i % 5, (8, 12)[i % 2]) for i in range(50)]
   alone = {job: _live_search(live, *job) for job in set(jobs)}
+  service.largest_batch = 0
   with concurrent.futures.ThreadPoolExecutor(50) as pool:
     together = list(pool.map(lambda job: _live_search(live, *job), jobs))
   for job, answer in zip(jobs, together):
     assert answer == alone[job], job
+  assert service.largest_batch > 1  # concurrent searches shared forward passes
+
+
+def test_a_search_after_warm_up_compiles_nothing(service, queries):
+  import jax  # pylint: disable=g-import-not-at-top
+  compiles = []
+
+  def listen(event, duration, **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    with open(queries[0][2], "rb") as f:
+      service.search(f.read(), k=7, bits=8)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  assert compiles == []
+
+
+# --------------------------------------------------------------------------
+# Hostile clients, over real HTTP.
+
+class _CountBody:
+  """ASGI middleware counting the request body bytes the app read, per path."""
+
+  def __init__(self, app):
+    self.app, self.read = app, {}
+
+  async def __call__(self, scope, receive, send):
+    if scope["type"] != "http":
+      return await self.app(scope, receive, send)
+    path = scope["path"]
+    self.read[path] = 0
+
+    async def counting():
+      message = await receive()
+      self.read[path] += len(message.get("body", b""))
+      return message
+    return await self.app(scope, counting, send)
+
+
+@pytest.fixture(scope="module")
+def counted(service):
+  holder = {}
+
+  def wrap(app):
+    holder["count"] = _CountBody(app)
+    return holder["count"]
+
+  with serve.Background(service, wrap=wrap) as server:
+    yield server.url, holder["count"]
+
+
+def _raw_chunked_post(url, total, chunk=1 << 16):
+  """POSTs `total` bytes as a chunked multipart body over a raw socket, stopping once the
+  server answers; returns (status line, bytes sent)."""
+  import select  # pylint: disable=g-import-not-at-top
+  import socket  # pylint: disable=g-import-not-at-top
+  host, port = url.split("//")[1].split(":")
+  head = (f"POST /api/search HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n"
+          "Content-Type: multipart/form-data; boundary=XX\r\n\r\n").encode()
+  part = b'--XX\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+  sent = 0
+  with socket.create_connection((host, int(port)), timeout=30) as sock:
+    sock.sendall(head)
+    sock.sendall(b"%x\r\n%s\r\n" % (len(part), part))
+    while sent < total:
+      if select.select([sock], [], [], 0)[0]:
+        break  # the answer came before the body ended
+      try:
+        sock.sendall(b"%x\r\n%s\r\n" % (chunk, b"x" * chunk))
+      except OSError:
+        break
+      sent += chunk
+    sock.settimeout(30)
+    answer = sock.recv(65536).decode("latin-1")
+  return answer.split("\r\n")[0], answer, sent
+
+
+def test_a_chunked_upload_over_the_limit_is_refused_while_it_streams(service, counted,
+                                                                     monkeypatch):
+  url, count = counted
+  monkeypatch.setattr(service, "max_upload_bytes", 1 << 20)
+  status, answer, _ = _raw_chunked_post(url, 3 << 20)
+  assert status == "HTTP/1.1 413 Request Entity Too Large", answer
+  assert "over the 1 MB limit (--max_upload_mb)" in answer
+  # The server stopped reading just past the limit (plus the form's 64 KiB and what uvicorn
+  # had buffered), not at the end of the 3 MiB.
+  assert (1 << 20) < count.read["/api/search"] <= (1 << 20) + (1 << 16) + (1 << 18)
+
+
+def _png_header(width, height):
+  """A tiny PNG file whose header declares width x height pixels."""
+  import struct  # pylint: disable=g-import-not-at-top
+  import zlib  # pylint: disable=g-import-not-at-top
+
+  def chunk(kind, data):
+    return (struct.pack(">I", len(data)) + kind + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+  ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+          + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b""))
+
+
+def test_an_image_of_too_many_pixels_is_refused_in_a_second_before_decoding(service, live,
+                                                                            monkeypatch):
+  import httpx  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  serve.refuse_bombs()  # as serve() and Background set it up (pytest resets warning filters)
+  for width, height, said in ((12_000, 12_000, "has over 89 million pixels"),  # past Pillow's limit
+                              (8_000, 6_000, "is 8000 x 6000 pixels")):
+    bomb = _png_header(width, height)  # megapixels in a few hundred bytes
+    assert len(bomb) < 2000
+    start = time.time()
+    response = httpx.post(live + "/api/search", files={"image": ("b.png", bomb)}, timeout=30)
+    assert time.time() - start < 1.0
+    assert response.status_code == 413
+    assert f"{said}, over the 40-megapixel limit (--max_megapixels)" in response.json()["error"]
+  # Above Pillow's own limit, its decompression-bomb warning is an error too.
+  monkeypatch.setattr(service, "max_pixels", 10**9)
+  start = time.time()
+  response = httpx.post(live + "/api/search", files={"image": ("b.png", _png_header(12_000, 12_000))},
+                        timeout=30)
+  assert time.time() - start < 1.0
+  assert response.status_code == 400 and "DecompressionBomb" in response.json()["error"]
+
+
+def test_an_unexpected_failure_is_a_500_in_json_and_the_server_keeps_serving(service, live,
+                                                                            queries, monkeypatch,
+                                                                            caplog):
+  def broken(*args):
+    raise RuntimeError("something unforeseen")
+
+  monkeypatch.setattr(service, "answer", broken)
+  import httpx  # pylint: disable=g-import-not-at-top
+  with open(queries[0][0], "rb") as f:
+    response = httpx.post(live + "/api/search", files={"image": ("q.png", f.read())}, timeout=60)
+  assert response.status_code == 500
+  assert response.json() == {"error": "internal error (RuntimeError); the server logged the "
+                                      "details and keeps serving."}
+  assert "something unforeseen" in caplog.text
+  monkeypatch.undo()
+  assert _live_search(live, queries[0][0], 3, 8)["bits"] == 8
+
+
+def test_only_this_servers_names_are_answered(service, live):
+  import httpx  # pylint: disable=g-import-not-at-top
+  # A page elsewhere whose DNS name was rebound to 127.0.0.1 sends its own name as the Host.
+  response = httpx.get(live + "/api/health", headers={"Host": "attacker.example"})
+  assert response.status_code == 400
+  assert httpx.get(live + "/api/health").status_code == 200
+  named = TestClient(serve.create_app(service, ["search.example"]),
+                     base_url="http://search.example")
+  assert named.get("/api/health").status_code == 200
+
+
+def test_health_and_images_never_wait_behind_searches(service, live, queries):
+  import httpx  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  release, work = threading.Event(), service._batcher._work  # pylint: disable=protected-access
+
+  def stuck(requests):
+    release.wait(60)
+    return work(requests)
+
+  service._batcher._work = stuck  # pylint: disable=protected-access
+  try:
+    with concurrent.futures.ThreadPoolExecutor(40) as pool:
+      searches = [pool.submit(_live_search, live, queries[0][i % 4], 3, 8) for i in range(40)]
+      for route in ("/api/health", "/api/images/3", "/api/random_query", "/report"):
+        response = httpx.get(live + route, timeout=5)  # 40 searches stuck: answered all the same
+        assert response.status_code == 200, route
+      assert not any(s.done() for s in searches)
+      release.set()
+      assert all(s.result(timeout=120)["bits"] == 8 for s in searches)
+  finally:
+    release.set()
+    service._batcher._work = work  # pylint: disable=protected-access
 
 
 def _chromium():

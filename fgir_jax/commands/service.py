@@ -6,26 +6,40 @@ bytes, database images by index id, random test-split queries and the run's
 report. Bad input raises `RequestError` with an HTTP status and one sentence;
 `fgir_jax.commands.serve` turns these methods into routes.
 
-Searches share the networks, so they run one at a time under a lock: every
+Searches that arrive together are encoded together: a batcher thread collects
+the requests of a few milliseconds (up to a batch) and runs the networks once
+for all of them, on batches of the fixed size `encoder.QUERY_BATCH`, so every
 answer equals the same search made alone, whatever arrives concurrently.
+Uploads are decoded by the requests' own threads, outside the batcher, after
+their pixel count is checked against `max_megapixels` from the image header;
+database images, test queries and health never wait for a search.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import dataclasses
 import io
 import os
+import queue
 import random
 import threading
+import time
 
 import numpy as np
 from PIL import Image
 
 from fgir_jax.commands import search as search_lib
 from fgir_jax.data import cache as cache_lib
+from fgir_jax.train import encoder as encoder_lib
 
 DEFAULT_MAX_UPLOAD_MB = 20.0
+DEFAULT_MAX_MEGAPIXELS = 40.0
 _THUMBNAILS = 512  # encoded database images kept in memory
+# How long the batcher waits for more searches after the first, and the most per batch.
+_BATCH_WINDOW_S = 0.003
+_MAX_BATCH = 4 * encoder_lib.QUERY_BATCH
 
 
 class RequestError(Exception):
@@ -47,14 +61,20 @@ class SearchService:
     max_upload_mb: the largest image upload accepted, in megabytes.
   """
 
-  def __init__(self, config, workdir: str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB):
+  def __init__(self, config, workdir: str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+               max_megapixels: float = DEFAULT_MAX_MEGAPIXELS):
     if not max_upload_mb > 0:
       raise ValueError(f"--max_upload_mb must be positive, got {max_upload_mb}.")
+    if not max_megapixels > 0:
+      raise ValueError(f"--max_megapixels must be positive, got {max_megapixels}.")
     self.searcher = search_lib.Searcher(config, workdir)
     self.max_upload_bytes = int(max_upload_mb * 2**20)
-    self._lock = threading.Lock()
+    self.max_pixels = int(max_megapixels * 1e6)
+    self._images_lock = threading.Lock()  # the thumbnail cache and the test split's lazy load
     self._thumbnails = collections.OrderedDict()
     self._test_split = None
+    self._batcher = _Batcher(self._encode_batch)
+    self.largest_batch = 0  # the most searches one forward pass served (for tests, benchmarks)
 
   # ---- what the page and the API read --------------------------------------------
   @property
@@ -72,25 +92,52 @@ class SearchService:
     saliency crop, or null without cropping), "results": [{"rank",
     "distance", "id", "label", "class_name", "image_url"}]}.
     """
+    request = self.prepare(data, k, bits)
+    return self.answer(request, self.submit(request).result())
+
+  def prepare(self, data: bytes, k=10, bits=None) -> "Query":
+    """A checked, decoded search request (in the caller's thread; refusals raise RequestError)."""
     bits = self._check_bits(bits)
-    index = self.searcher.index_for(bits)
-    k = _check_int(k, "k", 1, len(index))
+    k = _check_int(k, "k", 1, len(self.searcher.index_for(bits)))
     self._check_upload(data)
-    with self._lock:
-      image = self._decode(data)
-      codes, boxes = self.searcher.encode_with_boxes([data], image[None], bits)
-      # Searched at a power of two >= 16 and cut to k: the exact, stable top-k lists
-      # share their prefixes, and the page's k choices then compile one search kernel.
-      distances, items = index.search(codes, k=min(len(index), max(16, 1 << (k - 1).bit_length())))
-      distances, items = distances[:, :k], items[:, :k]
+    return Query(data, self._decode(data), k, bits)
+
+  def submit(self, request: "Query") -> concurrent.futures.Future:
+    """Queues a prepared search; the future gives its (distances, items, box)."""
+    return self._batcher.submit(request)
+
+  def answer(self, request: "Query", found) -> dict:
+    distances, items, box = found
+    index = self.searcher.index_for(request.bits)
     results = []
-    for rank, (distance, item) in enumerate(zip(distances[0], items[0]), 1):
+    for rank, (distance, item) in enumerate(zip(distances, items), 1):
       label = int(index.labels[item])
       results.append({"rank": rank, "distance": int(distance), "id": int(item), "label": label,
                       "class_name": self.searcher.class_name(label),
-                      "image_url": f"/api/images/{int(item)}?bits={bits}"})
-    box = None if boxes is None else [round(float(v), 4) for v in boxes[0]]
-    return {"bits": bits, "box": box, "results": results}
+                      "image_url": f"/api/images/{int(item)}?bits={request.bits}"})
+    box = None if box is None else [round(float(v), 4) for v in box]
+    return {"bits": request.bits, "box": box, "results": results}
+
+  def _encode_batch(self, requests: list) -> list:
+    """The batcher's work: each code length's requests encoded and searched together."""
+    self.largest_batch = max(self.largest_batch, len(requests))
+    out = [None] * len(requests)
+    for bits in sorted({r.bits for r in requests}):
+      rows = [i for i, r in enumerate(requests) if r.bits == bits]
+      group = [requests[i] for i in rows]
+      codes, boxes = self.searcher.encoder.encode(
+          [r.data for r in group], np.stack([r.image for r in group]), bits,
+          decode_map=self._batcher.pool.map)
+      index = self.searcher.index_for(bits)
+      # Searched at a power of two >= 16 and cut to each k: the exact, stable top-k lists
+      # share their prefixes, and the page's k choices then compile one search kernel.
+      top = min(len(index), max(16, 1 << (max(r.k for r in group) - 1).bit_length()))
+      # In chunks of the encoder's batch too: one compiled search per k after warm-up.
+      found = encoder_lib.chunked(lambda c: dict(zip(("d", "i"), index.search(c, k=top))), codes)
+      distances, items = found["d"], found["i"]
+      for j, (i, r) in enumerate(zip(rows, group)):
+        out[i] = (distances[j, :r.k], items[j, :r.k], None if boxes is None else boxes[j])
+    return out
 
   def _check_bits(self, bits) -> int:
     if bits in (None, ""):
@@ -113,13 +160,34 @@ class SearchService:
                               f"{self.max_upload_bytes / 2**20:g} MB limit (--max_upload_mb).")
 
   def _decode(self, data: bytes) -> np.ndarray:
+    """The upload at the run's input size; its pixel count is checked from the header first."""
+    try:
+      with Image.open(io.BytesIO(data)) as img:
+        width, height = img.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+      if self.max_pixels < Image.MAX_IMAGE_PIXELS:  # over Pillow's limit, so over ours too
+        raise RequestError(413, f"the image has over {Image.MAX_IMAGE_PIXELS / 1e6:.0f} million "
+                                f"pixels, over the {self.max_pixels / 1e6:g}-megapixel limit "
+                                "(--max_megapixels).") from None
+      raise self._unreadable(e) from None
+    except (OSError, ValueError, SyntaxError) as e:
+      raise self._unreadable(e) from None
+    if width * height > self.max_pixels:
+      raise RequestError(413, f"the image is {width} x {height} pixels, over the "
+                              f"{self.max_pixels / 1e6:g}-megapixel limit (--max_megapixels).")
+    if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+      # Pillow only warns here (and a warning shown once is not shown again): refused all the same.
+      raise self._unreadable(Image.DecompressionBombWarning())
     try:
       return cache_lib.load_image(io.BytesIO(data), self.searcher.run.size)
-    except ValueError as e:
-      cause = e.__cause__ or e
-      raise RequestError(400, f"the upload is not an image this server can read "
-                              f"({type(cause).__name__}); send a JPEG, PNG, BMP, GIF, "
-                              "WebP or TIFF file.") from e
+    except (ValueError, Image.DecompressionBombWarning) as e:
+      raise self._unreadable(e.__cause__ or e) from None
+
+  @staticmethod
+  def _unreadable(cause) -> "RequestError":
+    return RequestError(400, f"the upload is not an image this server can read "
+                             f"({type(cause).__name__}); send a JPEG, PNG, BMP, GIF, WebP or "
+                             "TIFF file.")
 
   # ---- images ------------------------------------------------------------------------
   def database_image(self, item, bits=None) -> bytes:
@@ -128,7 +196,7 @@ class SearchService:
     index = self.searcher.index_for(bits)
     item = _check_int(item, "image id", 0, len(index) - 1, status=404)
     key = (bits, item)
-    with self._lock:  # the networks' lazy loads and the thumbnail cache, one at a time
+    with self._images_lock:  # the thumbnail cache; never held by a search
       if key not in self._thumbnails:
         self._remember(key, _jpeg(self.searcher.database_image(item, bits)))
       self._thumbnails.move_to_end(key)
@@ -159,7 +227,7 @@ class SearchService:
     return buffer.getvalue()
 
   def _test(self) -> dict:
-    with self._lock:
+    with self._images_lock:
       return self._load_test()
 
   def _load_test(self) -> dict:
@@ -193,6 +261,50 @@ class SearchService:
     if name not in names:
       raise RequestError(404, f"the report has no plot named {name!r}.")
     return os.path.join(folder, name)
+
+
+@dataclasses.dataclass
+class Query:
+  """A search request, checked and decoded: file bytes, the image at the run's size, k, bits."""
+  data: bytes
+  image: np.ndarray
+  k: int
+  bits: int
+
+
+class _Batcher:
+  """A thread that serves queued requests in batches: the first request waits up to
+  _BATCH_WINDOW_S for others, then up to _MAX_BATCH of them go through `work` at once."""
+
+  def __init__(self, work):
+    self._work = work
+    self._queue = queue.Queue()
+    self.pool = concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2,
+                                                      thread_name_prefix="fgir-decode")
+    threading.Thread(target=self._loop, daemon=True, name="fgir-batcher").start()
+
+  def submit(self, request) -> concurrent.futures.Future:
+    future = concurrent.futures.Future()
+    self._queue.put((request, future))
+    return future
+
+  def _loop(self) -> None:
+    while True:
+      batch = [self._queue.get()]
+      deadline = time.monotonic() + _BATCH_WINDOW_S
+      while len(batch) < _MAX_BATCH:
+        try:
+          batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+        except queue.Empty:
+          break
+      try:
+        results = self._work([request for request, _ in batch])
+      except BaseException as e:  # noqa: BLE001 - handed to every waiting request
+        for _, future in batch:
+          future.set_exception(e)
+        continue
+      for (_, future), result in zip(batch, results):
+        future.set_result(result)
 
 
 def _check_int(value, name: str, low: int, high: int, status: int = 400) -> int:

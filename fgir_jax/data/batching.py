@@ -181,6 +181,41 @@ def fits_on_device(nbytes: int, device_bytes: int | None) -> bool:
 # ---------------------------------------------------------------------------
 # The input pipeline.
 
+_BATCH_FNS = {}  # (train, transform) -> the jitted batch functions, shared by every DeviceInput
+
+
+def _batch_fns(transform: Callable, train: bool):
+  """(gather, local): the jitted batch functions of a transform, made once per process.
+
+  A DeviceInput per request (a search service's queries) then reuses the
+  compiled programs instead of compiling new ones. Transforms built by
+  `augment.transform_fn` with equal settings count as the same transform.
+  """
+  key = (train, _transform_key(transform))
+  if key not in _BATCH_FNS:
+    if train:
+      fn = lambda batch_u8, k: transform(k, batch_u8)  # noqa: E731
+    else:
+      fn = lambda batch_u8, k: transform(batch_u8)  # noqa: E731  (deterministic: k unused)
+    # Device-resident: one jitted call from indices to the augmented batch.
+    gather = jax.jit(lambda images, labels, idx, k: (fn(images[idx], k), labels[idx]))
+    # Host memory: the same transform on a batch the host gathered.
+    _BATCH_FNS[key] = (gather, jax.jit(fn))
+  return _BATCH_FNS[key]
+
+
+def _transform_key(transform):
+  """A hashable identity of a transform: a partial's function and arguments, else the object."""
+  if isinstance(transform, functools.partial):
+    try:
+      key = (transform.func, transform.args, tuple(sorted(transform.keywords.items())))
+      hash(key)
+      return key
+    except TypeError:
+      pass
+  return transform
+
+
 class DeviceInput:
   """uint8 images + labels, batched and augmented on the device.
 
@@ -216,22 +251,8 @@ class DeviceInput:
     self.images = jax.device_put(images) if self.on_device else np.asarray(images)
     self.labels_np = np.asarray(labels).astype(np.int32)
     self.labels = jax.device_put(self.labels_np)
-    train_transform = train_transform or augment.train_transform
-    eval_transform = eval_transform or augment.eval_transform
-
-    def train_fn(batch_u8, key):
-      return train_transform(key, batch_u8)
-
-    def eval_fn(batch_u8, key):
-      del key  # one signature for both; the eval transform is deterministic
-      return eval_transform(batch_u8)
-
-    self._fns = {}
-    for name, fn in (("train", train_fn), ("eval", eval_fn)):
-      # Device-resident: one jitted call from indices to the augmented batch.
-      gather = jax.jit(lambda images, labels, idx, key, fn=fn: (fn(images[idx], key), labels[idx]))
-      # Host memory: the same transform on a batch the host gathered.
-      self._fns[name] = (gather, jax.jit(fn))
+    self._fns = {"train": _batch_fns(train_transform or augment.train_transform, True),
+                 "eval": _batch_fns(eval_transform or augment.eval_transform, False)}
 
   def batch(self, indices, key=None, *, train: bool = True, mask=None) -> Batch:
     """One batch for the dataset rows `indices` (B,); `key` drives the augmentation.
