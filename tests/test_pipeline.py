@@ -138,8 +138,9 @@ def test_unknown_config_key_and_bad_value_are_rejected(tmp_path):
   assert "bad command line" not in last and "unknown stage(s) ['nonsense']" in last
   proc = _launch("--config", "configs/nothere.py", "--workdir", str(tmp_path / "w"))
   assert proc.returncode == 2 and proc.stderr.strip() == (
-      "error: config file configs/nothere.py does not exist; pass one of the files in configs/ "
-      "(e.g. --config configs/demo.py), or a path to your own.")
+      "error: config configs/nothere.py is neither a packaged config (cub, demo, dogs, folder; "
+      "e.g. --config demo) nor an existing config file; pass one of those, or the path of your "
+      "own.")
   proc = _launch("--config", "configs/demo.py", "--workdir", str(tmp_path / "w"),
                  "--config.stage2.loss=contrastive", "--config.stages=stage2")
   assert proc.returncode == 2

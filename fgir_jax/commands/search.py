@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import os
 
-import ml_collections
+from fgir_jax import _extras
+
+ml_collections = _extras.need("ml_collections", "fgir_jax.commands.search")
 import numpy as np
 
 from fgir_jax import data as data_lib

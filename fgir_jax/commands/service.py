@@ -28,7 +28,9 @@ import threading
 import time
 
 import numpy as np
-from PIL import Image
+from fgir_jax import _extras
+
+Image = _extras.need("PIL.Image", "fgir_jax.commands.service")
 
 from fgir_jax.commands import search as search_lib
 from fgir_jax.data import cache as cache_lib

@@ -14,11 +14,13 @@ Decode cache (uint8 arrays at the input size, decoded once per source and size):
     data.cached_images(ds, 299, cache_dir).images       # (n, 299, 299, 3) uint8
     data.cached_crops(ds, boxes, 299, cache_dir).images # crops of the original files
 
-Nothing here imports TensorFlow, JAX or matplotlib.
+Nothing here imports TensorFlow or matplotlib. The decode cache needs Pillow
+(the `[pipeline]` extra) and is imported on first use, so that the on-device
+augmentation (`fgir_jax.data.augment`, pure JAX) imports with the plain install.
 """
 
-from fgir_jax.data.cache import (Cached, UndecodableImage, cached_crops, cached_images,
-                                 load_image, resize_array, to_rgb)
+import importlib
+
 from fgir_jax.data.cub import read_cub
 from fgir_jax.data.dataset import IMAGE_EXTENSIONS, Dataset, image_size, image_sizes
 from fgir_jax.data.dogs import read_dogs
@@ -32,3 +34,12 @@ __all__ = [
     "image_size", "image_sizes", "load_image", "load_tfds", "make_synthetic", "read_cub",
     "read_dogs", "read_folder", "resize_array", "to_rgb",
 ]
+
+_CACHE_NAMES = ("Cached", "UndecodableImage", "cached_crops", "cached_images", "load_image",
+                "resize_array", "to_rgb")
+
+
+def __getattr__(name):
+  if name in _CACHE_NAMES:
+    return getattr(importlib.import_module("fgir_jax.data.cache"), name)
+  raise AttributeError(f"module 'fgir_jax.data' has no attribute {name!r}")

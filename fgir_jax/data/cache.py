@@ -57,10 +57,12 @@ import uuid
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
 
+from fgir_jax import _extras
 from fgir_jax.data.dataset import Dataset
 from fgir_jax.progress import Progress
+
+Image = _extras.need("PIL.Image", "fgir_jax.data's decode cache")
 
 CACHE_VERSION = 1
 _RESAMPLE = Image.Resampling.BILINEAR

@@ -14,8 +14,10 @@ import shutil
 from typing import Any
 
 import jax
-import orbax.checkpoint as ocp
-from orbax.checkpoint.checkpoint_managers import preservation_policy as ocp_policy
+from fgir_jax import _extras
+
+ocp = _extras.need("orbax.checkpoint", "fgir_jax.train.checkpoints")
+ocp_policy = ocp.checkpoint_managers.preservation_policy
 
 
 # Orbax writes a checkpoint under "<step>.orbax-checkpoint-tmp..." and renames it when complete.

@@ -8,8 +8,10 @@ experiment needs (big_vision style: one `get_config(arg)` per experiment, a
 
 from __future__ import annotations
 
-import ml_collections
-from ml_collections import config_dict
+from fgir_jax import _extras
+
+ml_collections = _extras.need("ml_collections", "fgir_jax.train.config")
+config_dict = _extras.need("ml_collections.config_dict", "fgir_jax.train.config")
 
 STAGES = ("data", "saliency", "stage1", "stage2", "evaluate", "report")
 SOURCES = ("synthetic", "cub", "dogs", "folder")

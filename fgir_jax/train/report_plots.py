@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import os
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-import numpy as np  # pylint: disable=g-import-not-at-top
+from fgir_jax import _extras
+from fgir_jax import index as index_lib
+from fgir_jax import saliency
 
-from fgir_jax import index as index_lib  # pylint: disable=g-import-not-at-top
-from fgir_jax import saliency  # pylint: disable=g-import-not-at-top
+_extras.need("matplotlib", "fgir_jax.train.report_plots").use("Agg")  # files only, no display
+plt = _extras.need("matplotlib.pyplot", "fgir_jax.train.report_plots")
 
 NUM_SHOWN = 6         # images per figure (rows of the crop and retrieval grids)
 TOP_K = 10            # database results per query in the retrieval grid
