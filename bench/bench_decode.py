@@ -5,7 +5,7 @@ temporary cache folder per run, so every image is really decoded, converted
 and resized) at each size with each executor, and prints images/s; then the
 time to open a finished cache (a hit). Default data: the development subset.
 
-    python bench/bench_decode.py [--root ../shared/data/cub50] [--sizes 299,224]
+    python bench/bench_decode.py [--root data/cub50] [--sizes 299,224]
         [--executors thread,process] [--workers 2] [--repeat 2]
 """
 

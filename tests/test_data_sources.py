@@ -322,3 +322,35 @@ def test_tfds_materialised_folder_loads_without_tensorflow(tmp_path, monkeypatch
   ds = data.load_tfds("stanford_dogs", out_dir=str(out), splits=("train",))
   np.testing.assert_allclose(ds.boxes, [[0.1, 0.1, 0.9, 0.8], [0, 0, 1, 1]])
   assert ds.class_names == ("a", "b") and len(ds.paths) == 2
+
+
+@pytest.mark.parametrize("from_archive", [False, True], ids=["folder", "archive"])
+def test_cub_subset_keeps_the_chosen_classes_ids_split_and_boxes(cub_root, tmp_path,
+                                                                 from_archive):
+  # The official layout in, a CUB-style subset out: chosen classes only, official ids kept, each
+  # image shrunk to --max-side with its box scaled, readable by read_cub like the original.
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import tarfile  # pylint: disable=g-import-not-at-top
+  from fgir_jax.data import subset  # pylint: disable=g-import-not-at-top
+  source = str(cub_root)
+  if from_archive:
+    source = str(tmp_path / "CUB_200_2011.tgz")
+    with tarfile.open(source, "w:gz") as tar:
+      tar.add(cub_root / "CUB_200_2011", arcname="CUB_200_2011")
+  out = tmp_path / "out"
+  assert subset.write_subset(source, str(out), [2], max_side=32, echo=None) == {
+      "images": 2, "classes": 1, "train": 1, "test": 1}
+  whole, part = data.read_cub(str(cub_root)), data.read_cub(str(out))
+  assert [os.path.basename(p) for p in part.paths] == ["b_1.jpg", "b_2.jpg"]
+  np.testing.assert_array_equal(part.labels, [1, 1])  # class id 2, as in the whole dataset
+  np.testing.assert_array_equal(part.is_train, [True, False])
+  np.testing.assert_array_equal(part.sizes, [[16, 32], [30, 30]])  # 64 x 32 shrunk; 30 x 30 kept
+  np.testing.assert_allclose(part.boxes, whole.boxes[2:], atol=0.01)  # the same box, scaled
+  assert part.class_names == ("class_1", "002.Auklet")  # only the kept classes are named
+  # The command line: a second write into the same place is refused, naming it.
+  proc = subprocess.run([sys.executable, "-m", "fgir_jax.data.subset", source, str(out),
+                         "--classes", "2"], capture_output=True, text=True)
+  assert proc.returncode == 2 and "already holds a dataset" in proc.stderr
+  proc = subprocess.run([sys.executable, "-m", "fgir_jax.data.subset", source, str(tmp_path / "x"),
+                         "--classes", "1-300"], capture_output=True, text=True)
+  assert proc.returncode == 2 and "from 1 to 200" in proc.stderr
