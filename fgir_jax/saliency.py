@@ -396,7 +396,7 @@ def plot_crops(images, maps, true_boxes=None, alphas=(0.2, 0.3, 0.4, 0.5, 0.6), 
 
   Column 0 shows the image with its saliency map overlaid; column j > 0 the
   image with the predicted box at alphas[j-1] (red) and the true box (green,
-  when given), titled with alpha and the IoU. The PNG is
+  when given), titled with alpha and the IoU; a legend names both colours. The PNG is
   (1 + len(alphas)) * cell_inches * dpi pixels wide and
   n * cell_inches * dpi high.
 
@@ -452,7 +452,16 @@ def plot_crops(images, maps, true_boxes=None, alphas=(0.2, 0.3, 0.4, 0.5, 0.6), 
       ax.set_title(title, fontsize=7)
   for ax in axes.ravel():
     ax.set_axis_off()
-  fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.93, wspace=0.04, hspace=0.15)
+  legend = [Rectangle((0, 0), 1, 1, fill=False, edgecolor="red", linewidth=1.5,
+                      label="saliency box (predicted at the column's alpha)")]
+  if true_boxes is not None:
+    legend.append(Rectangle((0, 0), 1, 1, fill=False, edgecolor="lime", linewidth=1.5,
+                            label="true box (the dataset's annotation)"))
+  # The legend takes a strip at the top that grows with the figure's height.
+  top = 1.0 - 0.45 / (n * cell_inches)
+  fig.legend(handles=legend, loc="upper center", ncol=len(legend), fontsize=7, frameon=False)
+  fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=top - 0.05 / n, wspace=0.04,
+                      hspace=0.15)
   fig.savefig(path, dpi=dpi)
   plt.close(fig)
   return path

@@ -185,3 +185,44 @@ def test_report_lists_stage_times_versions_devices_and_skipped_files(tmp_path):
   assert "## This run" in text and f"jax {jax.__version__}, flax " in text
   assert "| stage1 | 12.3 s |" in text
   assert "1 unreadable image file(s) were skipped" in text and "- /photos/broken.jpg" in text
+
+
+# ----------------------------------------------------------------------------
+# Readable figures and tables.
+# ----------------------------------------------------------------------------
+def test_titles_wrap_whole_names_and_never_cut_them():
+  name = "yellow-crown/2-stripes/dot/fan-tail"
+  wrapped = report_plots.wrap_title(f"d=0 {name}", width=22)
+  assert all(len(line) <= 22 for line in wrapped.split("\n"))
+  assert wrapped.replace("\n", "") == f"d=0 {name}"
+  assert wrapped.split("\n")[1].startswith("2-stripes/")  # broken after "/", not inside a word
+  assert report_plots.wrap_title("001.Black_footed_Albatross", 22) == "001.Black_footed_\nAlbatross"
+
+
+def test_grid_draws_the_saliency_boxes_in_yellow(tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  grey = np.full((32, 32, 3), 128, np.uint8)
+
+  def yellow_pixels(path):
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    return int(((pixels[..., 0] > 200) & (pixels[..., 1] > 200) & (pixels[..., 2] < 80)).sum())
+
+  plain = report_plots.image_grid([grey], ["q"], [[grey]], [["d=0"]], str(tmp_path / "a.png"))
+  boxed = report_plots.image_grid([grey], ["q"], [[grey]], [["d=0"]], str(tmp_path / "b.png"),
+                                  query_boxes=[[0.25, 0.25, 0.75, 0.75]])
+  assert yellow_pixels(plain) == 0 and yellow_pixels(boxed) > 20
+
+
+def test_distance_curves_pair_by_colour_with_the_legend_outside(tmp_path, monkeypatch):
+  figures = []
+  monkeypatch.setattr(report_plots, "_save", lambda fig, plots, name: figures.append(fig) or [name])
+  rows = {b: [{"epoch": e, "d_ap": 1.0 / e, "d_an": 2.0 + b / 64} for e in (1, 2, 3)]
+          for b in (16, 64)}
+  report_plots._plot_distances(rows, str(tmp_path))  # pylint: disable=protected-access
+  ax = figures[0].axes[0]
+  lines = ax.get_lines()
+  assert [line.get_linestyle() for line in lines] == ["-", "--", "-", "--"]
+  assert lines[0].get_color() == lines[1].get_color() != lines[2].get_color() == lines[3].get_color()
+  legend = ax.get_legend()
+  figures[0].canvas.draw()
+  assert legend.get_window_extent().x0 > ax.get_window_extent().x1  # beside the axes, not on them

@@ -144,3 +144,13 @@ def _tiny_overrides():
           "--config.stage2.epochs=2", "--config.stage2.mine_every=1", "--config.stage2.bits=8,12",
           "--config.stage2.batch_size=16", "--config.stage2.eval_every=1",
           "--config.progress=False"]
+
+
+def test_the_search_table_is_aligned_whatever_the_class_names():
+  rows = [{"rank": 1, "distance": 0, "item": 4, "class_name": "a", "path": "/x/a.jpg"},
+          {"rank": 10, "distance": 12, "item": 7, "class_name": "yellow-crown/2-stripes/dot",
+           "path": None}]
+  lines = search._table(rows)  # pylint: disable=protected-access
+  assert lines[0].split() == ["rank", "distance", "class", "path"]
+  starts = {line.index(p) for line, p in zip(lines[1:], ("/x/a.jpg", "(database item 7)"))}
+  assert len(starts) == 1 and lines[0].index("path") in starts

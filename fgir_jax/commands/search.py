@@ -204,22 +204,21 @@ def search_command(config, workdir: str, queries: list[str], k: int = 10,
   _check_out_dir(out_dir)
   searcher = Searcher(config, workdir, bits)
   query_images = searcher.load_files(list(queries))
-  codes = searcher.encode_loaded(list(queries), query_images)
+  codes, boxes = searcher.encode_with_boxes(list(queries), query_images)
   distances, items = searcher.index.search(codes, k=min(k, len(searcher.index)))
   results = []
   for q, path in enumerate(queries):
-    echo(f"query {path} ({searcher.bits} bits, {len(searcher.index)} database images)")
-    echo(f"{'rank':>4}  {'distance':>8}  {'label':<28}  path")
     rows = []
     for rank, (d, i) in enumerate(zip(distances[q], items[q]), 1):
       label = int(searcher.index.labels[i])
-      name = searcher.class_name(label) or str(label)
-      item_path = searcher.path(i)
-      echo(f"{rank:>4}  {int(d):>8}  {name:<28}  {item_path or f'(database item {int(i)})'}")
       rows.append({"rank": rank, "distance": int(d), "item": int(i), "label": label,
-                   "class_name": name, "path": item_path})
+                   "class_name": searcher.class_name(label) or str(label),
+                   "path": searcher.path(i)})
+    echo(f"query {path} ({searcher.bits} bits, {len(searcher.index)} database images)")
+    for line in _table(rows):
+      echo(line)
     results.append({"query": path, "results": rows})
-  grid = _plot_grid(searcher, queries, query_images, results, out_dir)
+  grid = _plot_grid(searcher, queries, query_images, results, out_dir, boxes)
   echo(f"grid of queries and results: {grid}")
   return {"bits": searcher.bits, "queries": results, "grid": grid}
 
@@ -233,13 +232,27 @@ def _check_out_dir(out_dir: str) -> None:
                           "folder you can write to.")
 
 
-def _plot_grid(searcher: Searcher, queries, query_images, results, out_dir: str) -> str:
+def _table(rows: list[dict]) -> list[str]:
+  """The results as lines of an aligned table (columns as wide as their longest entry)."""
+  cells = [[str(r["rank"]), str(r["distance"]), r["class_name"],
+            r["path"] or f"(database item {r['item']})"] for r in rows]
+  head = ["rank", "distance", "class", "path"]
+  widths = [max(len(c[j]) for c in cells + [head]) for j in range(3)]
+  fmt = lambda c: (f"{c[0]:>{widths[0]}}  {c[1]:>{widths[1]}}  {c[2]:<{widths[2]}}  "
+                   f"{c[3]}").rstrip()
+  return [fmt(head)] + [fmt(c) for c in cells]
+
+
+def _plot_grid(searcher: Searcher, queries, query_images, results, out_dir: str,
+               boxes=None) -> str:
   from fgir_jax.train import report_plots  # pylint: disable=g-import-not-at-top  (matplotlib)
   rows = [[searcher.database_image(r["item"]) for r in q["results"]] for q in results]
-  titles = [[f"d={r['distance']} {r['class_name']}"[:18] for r in q["results"]] for q in results]
+  titles = [[f"d={r['distance']} {r['class_name']}" for r in q["results"]] for q in results]
   path = os.path.join(out_dir, "search_results.png")
-  report_plots.image_grid(query_images, [os.path.basename(p)[:18] for p in queries], rows,
-                          titles, path)
+  report_plots.image_grid(query_images, [os.path.basename(p) for p in queries], rows, titles,
+                          path, query_boxes=boxes,
+                          title="yellow: the saliency crop the query was encoded from"
+                          if boxes is not None else "")
   return path
 
 

@@ -288,23 +288,39 @@ def _protocol_notes(config, paper, classes: int | None = None) -> list[str]:
 # ----------------------------------------------------------------------------
 def _figures(wd, config, facts, dataset, images, crops) -> tuple[list[str], dict]:
   plots = wd.out_dir("plots")
-  shown = crops if crops is not None else images
+  # The retrieval grid shows the uncropped images with their saliency crop drawn on them.
+  boxes, shown = _saliency_boxes(wd, config, dataset), images if images is not None else crops
+  if boxes is None and crops is not None:
+    shown = crops
   made, skipped = [], {}
   for m, s in (report_plots.plot_stage2_curves(wd, facts["bits"], plots),
                report_plots.plot_map_vs_bits(facts["results"], plots),
                report_plots.plot_saliency_crops(wd, config, dataset, images, plots),
-               report_plots.plot_retrieval_grid(wd, facts["bits"], dataset, shown, plots)):
+               report_plots.plot_retrieval_grid(wd, facts["bits"], dataset, shown, plots,
+                                                boxes=boxes)):
     made += m
     skipped.update(s)
   return made, skipped
 
 
+def _saliency_boxes(wd, config, dataset):
+  """The saliency stage's boxes, one per dataset image, or None."""
+  path = wd.read("saliency", "boxes.npz")
+  if not config.saliency.enabled or dataset is None or not os.path.exists(path):
+    return None
+  with np.load(path) as f:
+    boxes = f["boxes"]
+  return boxes if len(boxes) == len(dataset.labels) else None
+
+
 FIGURE_CAPTIONS = {
     "map_vs_epoch.png": "mAP on the queries vs stage-2 epoch (paper Fig. 4)",
     "distances_vs_epoch.png": "mean d(A,P) and d(A,N) of the mined triplets (paper Fig. 5)",
-    "saliency_crops.png": "saliency map and boxes at several alpha; green: true box (paper Fig. 6)",
+    "saliency_crops.png": ("saliency map and boxes at several alpha; red: the saliency box, "
+                           "green: the true box (paper Fig. 6)"),
     "map_vs_bits.png": "mAP vs code length (paper Fig. 7)",
-    "retrieval_grid.png": "queries and their top-10 by Hamming distance; green right, red wrong",
+    "retrieval_grid.png": ("queries and their top-10 by Hamming distance; green right, red "
+                           "wrong; yellow: the saliency crop each image was encoded from"),
 }
 
 

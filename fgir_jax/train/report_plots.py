@@ -12,6 +12,7 @@ with their top-10 database images by Hamming distance).
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 
@@ -60,15 +61,16 @@ def plot_stage2_curves(wd, bits: list[int], plots: str):
 
 
 def _plot_distances(rows: dict, plots: str) -> list[str]:
-  fig, ax = plt.subplots(figsize=(5, 3.5))
-  for b, r in rows.items():
+  """Each code length in one colour: d(A,P) solid, d(A,N) dashed; the legend beside the axes."""
+  fig, ax = plt.subplots(figsize=(6.5, 3.5))
+  for i, (b, r) in enumerate(rows.items()):
     r = [x for x in r if "d_ap" in x and "d_an" in x]
     if r:
       epochs = [x["epoch"] for x in r]
-      ax.plot(epochs, [x["d_ap"] for x in r], label=f"d(A,P) {b} bits")
-      ax.plot(epochs, [x["d_an"] for x in r], "--", label=f"d(A,N) {b} bits")
+      ax.plot(epochs, [x["d_ap"] for x in r], color=f"C{i}", label=f"d(A,P) {b} bits")
+      ax.plot(epochs, [x["d_an"] for x in r], "--", color=f"C{i}", label=f"d(A,N) {b} bits")
   ax.set(xlabel="epoch", ylabel="mean distance (mined triplets)", title="Triplet distances")
-  ax.legend(fontsize=7)
+  ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
   return _save(fig, plots, "distances_vs_epoch.png")
 
 
@@ -163,8 +165,9 @@ def longest_codes(wd, bits):
   return None
 
 
-def plot_retrieval_grid(wd, bits, dataset, shown, plots: str):
-  """A few queries, each with its top-10 database images (green right, red wrong)."""
+def plot_retrieval_grid(wd, bits, dataset, shown, plots: str, boxes=None):
+  """A few queries, each with its top-10 database images (green right, red wrong); `boxes`
+  (one per dataset image, or None) draws each image's saliency crop on it."""
   name = "retrieval_grid.png"
   codes = longest_codes(wd, bits)
   if codes is None:
@@ -182,28 +185,46 @@ def plot_retrieval_grid(wd, bits, dataset, shown, plots: str):
   q_images, db_images = np.asarray(shown)[~is_train], np.asarray(shown)[is_train]
   colours = [["limegreen" if db_labels[hit] == q_labels[r] else "red" for hit in top[i]]
              for i, r in enumerate(rows)]
+  q_boxes = db_boxes = None
+  if boxes is not None:
+    q_boxes, db_boxes = np.asarray(boxes)[~is_train][rows], np.asarray(boxes)[is_train]
+    db_boxes = [db_boxes[t] for t in top]
   path = image_grid(q_images[rows], [f"query: {_class(dataset, q_labels[r])}" for r in rows],
-                    [db_images[t] for t in top], [[f"d={d}" for d in row] for row in dist],
+                    [db_images[t] for t in top],
+                    [[f"d={d} {_class(dataset, db_labels[hit])}" for d, hit in zip(row, hits)]
+                     for row, hits in zip(dist, top)],
                     os.path.join(plots, name), colours=colours,
-                    title=f"Top-{top.shape[1]} by Hamming distance, {bits} bits")
+                    title=f"Top-{top.shape[1]} by Hamming distance, {bits} bits"
+                          + (" (yellow: saliency crop)" if boxes is not None else ""),
+                    query_boxes=q_boxes, result_boxes=db_boxes)
   return [os.path.basename(path)], {}
 
 
+TITLE_CHARS = 22  # characters per title line under a grid cell (wrapped, never cut)
+
+
 def image_grid(queries, query_titles, results, result_titles, path: str, colours=None,
-               title: str = "") -> str:
+               title: str = "", query_boxes=None, result_boxes=None) -> str:
   """One row per query: the query, then its results; frames coloured per result (green
-  right, red wrong, grey when unknown). Returns the PNG's path."""
+  right, red wrong, grey when unknown). Titles (class names) are wrapped whole; the
+  optional boxes (normalised ymin, xmin, ymax, xmax; None for none) are drawn in yellow:
+  the saliency crop each image was encoded from. Returns the PNG's path."""
   cols = 1 + max(len(r) for r in results)
+  query_titles = [wrap_title(t) for t in query_titles]
+  result_titles = [[wrap_title(t) for t in row] for row in result_titles]
+  lines = max(t.count("\n") + 1 for t in query_titles + sum(result_titles, []))
   fig, axes = plt.subplots(len(queries), cols, squeeze=False,
-                           figsize=(1.2 * cols, 1.35 * len(queries)))
+                           figsize=(1.25 * cols, (1.15 + 0.11 * lines) * len(queries)))
   for i, query in enumerate(queries):
-    _cell(axes[i, 0], query, query_titles[i], "black")
+    _cell(axes[i, 0], query, query_titles[i], "black",
+          None if query_boxes is None else query_boxes[i])
     for j in range(cols - 1):
       if j >= len(results[i]):
         axes[i, j + 1].axis("off")
         continue
       colour = colours[i][j] if colours is not None else "grey"
-      _cell(axes[i, j + 1], results[i][j], result_titles[i][j], colour)
+      _cell(axes[i, j + 1], results[i][j], result_titles[i][j], colour,
+            None if result_boxes is None else result_boxes[i][j])
   if title:
     fig.suptitle(title, fontsize=9)
   fig.tight_layout()
@@ -212,17 +233,40 @@ def image_grid(queries, query_titles, results, result_titles, path: str, colours
   return path
 
 
+def wrap_title(text, width: int = TITLE_CHARS) -> str:
+  """Lines of at most `width` characters, broken after spaces, "/", "_" or "." where possible
+  (class names such as "yellow-crown/2-stripes/dot" or "001.Black_footed_Albatross")."""
+  lines, line = [], ""
+  for token in re.split(r"(?<=[ /_.])", str(text)):
+    while len(token) > width:  # a token longer than a line: cut it, only then
+      if line:
+        lines.append(line)
+        line = ""
+      lines.append(token[:width])
+      token = token[width:]
+    if len(line) + len(token) > width and line:
+      lines.append(line)
+      line = ""
+    line += token
+  return "\n".join(part.rstrip() for part in lines + [line] if part.strip()) or ""
+
+
 def _class(dataset, label) -> str:
   names = dataset.class_names
-  text = names[label] if label < len(names) else str(label)
-  return text if len(text) <= 14 else text[:13] + "."
+  return names[label] if label < len(names) else str(label)
 
 
-def _cell(ax, image, title: str, colour: str) -> None:
+def _cell(ax, image, title: str, colour: str, box=None) -> None:
   ax.imshow(image)
   ax.set_xticks([])
   ax.set_yticks([])
   ax.set_title(title, fontsize=6)
+  if box is not None:
+    from matplotlib.patches import Rectangle  # pylint: disable=g-import-not-at-top
+    h, w = np.asarray(image).shape[:2]
+    y0, x0, y1, x1 = np.asarray(box, float) * [h, w, h, w]
+    ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False,
+                           edgecolor="yellow", linewidth=1.2))
   # The frame says right (green) or wrong (red) at a glance.
   for spine in ax.spines.values():
     spine.set_edgecolor(colour)
