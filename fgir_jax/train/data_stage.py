@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 
 import numpy as np
 
@@ -123,20 +124,25 @@ def data_summary(run: Run) -> dict:
 
 
 def write_examples(run: Run, count: int = 4) -> list[str]:
-  """Test-split images of an in-memory source (the synthetic birds) as PNG files in examples/,
-  so that `--mode search --query` has images to try; file sources already have theirs."""
+  """A few test-split images, one per class (spread over the classes), as examples/query_<i>
+  files, so that `--mode search --query` has images to try: the synthetic birds as PNGs,
+  image files copied as they are (keeping their format)."""
   ds = run.dataset
-  if ds.images is None:
-    return []
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  test = np.flatnonzero(~ds.is_train)
   paths, seen = [], set()
-  for row in np.flatnonzero(~ds.is_train):
+  for row in test:
     label = int(ds.labels[row])
     if label in seen:
       continue
     seen.add(label)
-    path = run.wd.out("examples", f"query_{len(paths) + 1}.png")  # of class ds.class_names[label]
-    Image.fromarray(ds.images[row]).save(path)
+    if ds.images is not None:
+      from PIL import Image  # pylint: disable=g-import-not-at-top
+      path = run.wd.out("examples", f"query_{len(paths) + 1}.png")
+      Image.fromarray(ds.images[row]).save(path)
+    else:
+      suffix = os.path.splitext(ds.paths[row])[1].lower() or ".jpg"
+      path = run.wd.out("examples", f"query_{len(paths) + 1}{suffix}")
+      shutil.copyfile(ds.paths[row], path)
     paths.append(path)
     if len(paths) == count:
       break
