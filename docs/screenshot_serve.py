@@ -1,6 +1,6 @@
 """Takes docs/serve_page.png: the `--mode serve` page on a trained run, in headless Chromium.
 
-    python launch.py --config configs/demo.py --workdir runs/demo      # once (~4 min)
+    python launch.py --config configs/demo.py --workdir runs/demo      # once (~2 min)
     python docs/screenshot_serve.py --workdir runs/demo
 
 Needs the serve extra, Selenium, and Debian's chromium + chromium-driver (what

@@ -251,3 +251,24 @@ def test_stage_keys_differ_for_names_with_the_same_letters(tmp_path):
   keys = {name: tuple(jax.random.key_data(run.stage_key(name)).tolist()) for name in names}
   assert len(set(keys.values())) == len(names)  # the old character sum made 24/42 and 16/61 equal
   assert keys["stage1"] == tuple(jax.random.key_data(run.stage_key("stage1")).tolist())
+
+
+def test_saliency_maps_from_any_stage_of_the_backbone():
+  # saliency.layer "stage<k>" takes the map of an earlier, finer stage (the demo's stage 5).
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from fgir_jax.data import batching  # pylint: disable=g-import-not-at-top
+  from fgir_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  from fgir_jax.train import inference, networks  # pylint: disable=g-import-not-at-top
+  config = tiny_config()  # the tiny ResNet18-I: 4 stages, 32 px
+  net = networks.make_net(config, 4)
+  variables = networks.init_variables(config, net, jax.random.key(0))
+  images = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
+  inputs = batching.DeviceInput(images, np.zeros(3, np.int32))
+  sides = {layer: inference.run_network(net, variables, inputs, batch_size=4, with_maps=True,
+                                        map_layer=layer)["maps"].shape[1:]
+           for layer in ("stage2", "stage3", "last_stage", "output")}
+  assert sides == {"stage2": (4, 4), "stage3": (2, 2), "last_stage": (1, 1), "output": (1, 1)}
+  config.saliency.layer = "stage5"
+  with pytest.raises(ValueError, match=r"one of stage1 \.\. stage4 .*got 'stage5'"):
+    pipeline.check_config(config, config_lib.bit_list(config))

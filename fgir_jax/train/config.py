@@ -66,8 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.saliency.network = "stage1"        # "pretrained" (model.pretrained) or "stage1"
                                        # (a CE network trained on uncropped images)
   c.saliency.epochs = 0                # epochs of that bootstrap network; 0: stage1.epochs
-  # The map's layer: "output" (the deepest map) or "last_stage" (the last stage
-  # of blocks, before a head conv; see train/inference.py).
+  # The map's layer: "output" (the deepest map), "last_stage" (the last stage
+  # of blocks, before a head conv) or "stage<k>" (an earlier, finer stage); see
+  # train/inference.py.
   c.saliency.layer = "output"
 
   # ---- stage 1: cross-entropy -------------------------------------------------

@@ -19,7 +19,18 @@ from fgir_jax import saliency
 from fgir_jax.data import batching
 
 
-MAP_LAYERS = ("output", "last_stage")
+MAP_LAYERS = ("output", "last_stage", "stage<k>")
+
+
+def check_map_layer(layer: str, num_stages: int) -> str:
+  """saliency.layer: "output", "last_stage" or "stage1" .. "stage<num_stages>"."""
+  if layer in ("output", "last_stage"):
+    return layer
+  number = layer[len("stage"):] if layer.startswith("stage") else ""
+  if not (number.isdigit() and 1 <= int(number) <= num_stages):
+    raise ValueError(f"saliency.layer must be 'output', 'last_stage' or one of stage1 .. "
+                     f"stage{num_stages} (the backbone's stages of blocks), got {layer!r}.")
+  return layer
 
 
 @functools.partial(jax.jit, static_argnames=("net", "with_maps", "map_layer"))
@@ -46,14 +57,18 @@ def _map_features(out: dict, state: dict, map_layer: str):
   for ResNet it is the same map, for EfficientNet-Lite it is the 320-channel
   map before the 1x1 head conv, whose ReLU6 saturates and blurs the map
   (bench/probe_saliency.py measures both against true boxes).
+  "stage<k>": the output of stage k, ReLU'd: a finer map (EfficientNet-Lite's
+  stage 5 has stride 16, twice the resolution of the last stage).
   """
   if map_layer == "output":
     return out["feature_map"]
-  if map_layer != "last_stage":
-    raise ValueError(f"map_layer must be one of {MAP_LAYERS}, got {map_layer!r}.")
   stages = state["intermediates"]["backbone"]
-  last = max((k for k in stages if k.startswith("stage")), key=lambda k: int(k[len("stage"):]))
-  return jax.nn.relu(stages[last][0].astype(jnp.float32))
+  numbered = {k: int(k[len("stage"):]) for k in stages if k.startswith("stage")}
+  name = max(numbered, key=numbered.get) if map_layer == "last_stage" else map_layer
+  if name not in stages:
+    raise ValueError(f"map_layer must be 'output', 'last_stage' or one of "
+                     f"{', '.join(sorted(numbered, key=numbered.get))}, got {map_layer!r}.")
+  return jax.nn.relu(stages[name][0].astype(jnp.float32))
 
 
 def run_network(net: nn.Module, variables: dict, inputs: batching.DeviceInput, *,

@@ -39,10 +39,11 @@ def check_config(config, bits) -> None:
   _validate.check_choice(config.data.source, config_lib.SOURCES, "data.source")
   _validate.check_choice(config.saliency.mode, ("largest", "all"), "saliency.mode")
   _validate.check_choice(config.saliency.network, ("stage1", "pretrained"), "saliency.network")
-  _validate.check_choice(config.saliency.layer, inference.MAP_LAYERS, "saliency.layer")
   _validate.check_choice(config.model.dtype, ("float32", "bfloat16"), "model.dtype")
   _validate.check_choice(config.model.backbone, models.BACKBONES, "model.backbone")
-  models.retrieval_net.make_backbone(networks.make_net(config, 2), parent=None)  # frozen_stages
+  backbone = models.retrieval_net.make_backbone(networks.make_net(config, 2), parent=None)
+  stages = len(getattr(backbone, "stages", None) or backbone.stage_sizes)
+  inference.check_map_layer(config.saliency.layer, stages)
   pretrained = config.model.pretrained
   if pretrained and pretrained != "imagenet" and not os.path.isfile(pretrained):
     raise ValueError(f"model.pretrained={pretrained!r} is neither 'imagenet' nor an existing "
