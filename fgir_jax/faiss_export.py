@@ -10,15 +10,13 @@ import math
 import os
 import pathlib
 import tempfile
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from fgir_jax import _validate
+from fgir_jax.index import HammingIndex
 from fgir_jax.topk import check_positive
-
-if TYPE_CHECKING:
-  from fgir_jax.index import HammingIndex
 
 FAISS_KINDS = ("flat", "hnsw", "ivf")
 _FAISS_HINT = ("faiss is not installed: pip install faiss-cpu (or fgir_jax[faiss]) "
@@ -95,7 +93,6 @@ def from_faiss(faiss_index, labels=None, paths: Sequence[str] | None = None,
     raise ValueError(
         "from_faiss needs a faiss binary index (IndexBinaryFlat, IndexBinaryHNSW or "
         f"IndexBinaryIVF), got {type(faiss_index).__name__}.")
-  from fgir_jax.index import HammingIndex  # pylint: disable=g-import-not-at-top  (it imports us)
   index = HammingIndex(faiss_index.d, class_names=class_names)
   index.add(_faiss_codes(faiss, faiss_index), labels=labels, paths=paths)
   return index

@@ -4,9 +4,8 @@
   (n, ceil(bits / 8)) uint8 bytes, as `np.packbits(bits, axis=1)` writes them.
 * `HammingIndex`: codes plus labels, image paths and class names; `add`,
   `search`, `save` (one .npz plus a readable .json) and `load`.
-* `hamming_topk` (the exact top-k kernel, `fgir_jax.topk`) and the faiss
-  conversions `to_faiss` / `from_faiss` / `write_faiss` / `read_faiss`
-  (`fgir_jax.faiss_export`) are re-exported here.
+The exact top-k kernel the search runs is `fgir_jax.topk.hamming_topk`; the
+conversions to and from faiss binary indexes are in `fgir_jax.faiss_export`.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ import jax
 
 from fgir_jax import _validate
 from fgir_jax import codes as codes_lib
-from fgir_jax.topk import Database, check_positive, hamming_topk  # noqa: F401  (re-exported)
+from fgir_jax.topk import Database, check_positive
 
 _FORMAT = "fgir_jax.HammingIndex"
 _FORMAT_VERSION = 1
@@ -320,9 +319,3 @@ def _check_saved(arrays: dict, data_path) -> None:
     raise ValueError(
         f"{data_path} is format version {int(arrays['version'])}, newer than this fgir_jax "
         f"reads ({_FORMAT_VERSION}); upgrade fgir_jax.")
-
-
-
-# The faiss conversions live in their own module; imported last, as they use HammingIndex.
-from fgir_jax.faiss_export import (  # noqa: E402,F401  (re-exported)
-    FAISS_KINDS, from_faiss, read_faiss, to_faiss, write_faiss)

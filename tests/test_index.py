@@ -13,9 +13,10 @@ import numpy as np
 import jax.numpy as jnp
 import pytest
 
-from fgir_jax import index as index_lib
+from fgir_jax import faiss_export
 from fgir_jax import topk
-from fgir_jax.index import HammingIndex, hamming_topk, pack_codes, unpack_codes
+from fgir_jax.index import HammingIndex, pack_codes, unpack_codes
+from fgir_jax.topk import hamming_topk
 
 
 def brute_force(q_bits, db_bits, k):
@@ -215,7 +216,7 @@ def test_load_errors(tmp_path):
 def test_faiss_round_trip(kind):
   pytest.importorskip("faiss", reason="faiss-cpu is optional (pip install fgir_jax[faiss])")
   index, _, labels = make_index()
-  back = index_lib.from_faiss(index_lib.to_faiss(index, kind), labels=index.labels)
+  back = faiss_export.from_faiss(faiss_export.to_faiss(index, kind), labels=index.labels)
   assert back.bits == 16
   np.testing.assert_array_equal(back.codes, index.codes)
   np.testing.assert_array_equal(back.labels, labels)
@@ -225,12 +226,12 @@ def test_faiss_flat_search_agrees_and_files_round_trip(tmp_path):
   pytest.importorskip("faiss", reason="faiss-cpu is optional (pip install fgir_jax[faiss])")
   index, _, _ = make_index()
   q = random_bits(13, 6, 16)
-  f_dist, _ = index_lib.to_faiss(index, "flat").search(pack_codes(q), 20)
+  f_dist, _ = faiss_export.to_faiss(index, "flat").search(pack_codes(q), 20)
   dist, _ = index.search(q, 20)
   # faiss's order inside a tie may differ from ours; the distances may not.
   np.testing.assert_array_equal(dist, f_dist)
-  path = index_lib.write_faiss(index, tmp_path / "index.faiss", kind="ivf", nlist=8)
-  np.testing.assert_array_equal(index_lib.read_faiss(path).codes, index.codes)
+  path = faiss_export.write_faiss(index, tmp_path / "index.faiss", kind="ivf", nlist=8)
+  np.testing.assert_array_equal(faiss_export.read_faiss(path).codes, index.codes)
 
 
 def test_faiss_argument_errors():
@@ -238,12 +239,12 @@ def test_faiss_argument_errors():
   odd = HammingIndex(12)
   odd.add(random_bits(0, 4, 12))
   with pytest.raises(ValueError, match="multiple of 8, got 12 bits"):
-    index_lib.to_faiss(odd)
+    faiss_export.to_faiss(odd)
   index, _, _ = make_index()
   with pytest.raises(ValueError, match="unknown options nlist"):
-    index_lib.to_faiss(index, "hnsw", nlist=4)
+    faiss_export.to_faiss(index, "hnsw", nlist=4)
   with pytest.raises(ValueError, match="kind must be one of"):
-    index_lib.to_faiss(index, "pq")
+    faiss_export.to_faiss(index, "pq")
 
 
 def test_missing_faiss_message(monkeypatch):
@@ -251,4 +252,4 @@ def test_missing_faiss_message(monkeypatch):
   index, _, _ = make_index()
   hint = r"faiss is not installed: pip install faiss-cpu \(or fgir_jax\[faiss\]\)"
   with pytest.raises(ImportError, match=hint):
-    index_lib.to_faiss(index)
+    faiss_export.to_faiss(index)

@@ -17,7 +17,7 @@ import re
 import numpy as np
 
 from fgir_jax import _extras
-from fgir_jax import index as index_lib
+from fgir_jax import topk
 from fgir_jax import saliency
 
 _extras.need("matplotlib", "fgir_jax.train.report_plots").use("Agg")  # files only, no display
@@ -151,7 +151,7 @@ def top_results(q_packed: np.ndarray, db_packed: np.ndarray, k: int = TOP_K):
     (indices (n_q, k) int64 into the database, distances (n_q, k) int32).
     Ties are broken by database order (a stable sort), as the stable mAP does.
   """
-  dist, order = index_lib.hamming_topk(q_packed, db_packed, k)
+  dist, order = topk.hamming_topk(q_packed, db_packed, k)
   return order, dist
 
 
