@@ -9,7 +9,7 @@ frozen in stage 1, saliency boxes from the pretrained network's stage 5 (they
 find the drawn birds: CorLoc about 61%), and shorter schedules; mAP at 64 bits
 about 0.93. `configs/demo.py:scratch` is the 1/4-width ResNet18-I from scratch
 on the fully cluttered birds, boxes from a classifier trained on the uncropped
-images first (see the README).
+images first (docs/command-line.md).
 """
 
 from fgir_jax.train.config import base_config

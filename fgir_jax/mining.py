@@ -143,7 +143,10 @@ def hard_triplets_from_embeddings(key, embeddings, labels, beta=0.5, neg_factor=
   near-equal distances.)
 
   Args:
-    key, labels, beta, neg_factor: as in `hard_triplets`.
+    key: a PRNG key, as in `hard_triplets`.
+    labels: (n,) int class ids, as in `hard_triplets`.
+    beta: the hardness factor, as in `hard_triplets`.
+    neg_factor: the negative window's factor, as in `hard_triplets`.
     embeddings: (n, d) float embeddings.
     metric: "euclidean", "sqeuclidean" or "cosine", as in
       `losses.pairwise_distances`.

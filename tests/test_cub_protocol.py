@@ -11,7 +11,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_protocol_script_runs_the_ablation_and_packs_its_results(tmp_path):
   # The same launch.py --mode ablate command as on the GPU, on tiny synthetic
   # birds: every variant runs, the shared stages are reused, and the summary
-  # and the archive hold what the README's GPU section is written from.
+  # and the archive hold what docs/real-birds.md's GPU paragraph is written from.
   out = tmp_path / "out"
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, "bench", "cub_protocol.py"), "--cpu-smoke",

@@ -253,7 +253,8 @@ def train_transform(key, images, size=None, *, crop="random_resized",
       random crop of the input size, resize to `size` if it differs) or "none"
       (the whole image resized to `size`).
     flip: mirror each example horizontally with probability 1/2.
-    mean, std: per-channel statistics in [0, 1] units (ImageNet's by default).
+    mean: per-channel means in [0, 1] units (ImageNet's by default).
+    std: per-channel standard deviations in [0, 1] units (ImageNet's by default).
 
   Returns:
     (n, size_h, size_w, c) float32, normalised: (x / 255 - mean) / std.
@@ -293,7 +294,8 @@ def eval_transform(images, size=None, *, crop_fraction=1.0, mean=IMAGENET_MEAN, 
     size: None (identity, then normalise) or output int / (height, width): the
       central `crop_fraction` of each side, resized bilinearly to `size`
       (crop_fraction=0.875 is the classic "resize 256, centre crop 224").
-    mean, std: per-channel statistics in [0, 1] units.
+    mean: per-channel means in [0, 1] units.
+    std: per-channel standard deviations in [0, 1] units.
 
   Returns:
     (n, out_h, out_w, c) float32, normalised.

@@ -223,8 +223,13 @@ def cached_crops(source, boxes, size: int, cache_dir: str | None, *, skip_bad: b
     source: a `Dataset` or a list of paths.
     boxes: (n, 4) normalised (ymin, xmin, ymax, xmax), one per source row,
       converted to pixels with each image's own size.
-    size, cache_dir, skip_bad, workers, executor, progress, draft: as in
-      `cached_images`.
+    size: as in `cached_images`.
+    cache_dir: as in `cached_images`.
+    skip_bad: as in `cached_images`.
+    workers: as in `cached_images`.
+    executor: as in `cached_images`.
+    progress: as in `cached_images`.
+    draft: as in `cached_images`.
 
   Returns:
     A `Cached` with crops (m, size, size, 3) uint8 and the kept row indices.

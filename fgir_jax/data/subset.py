@@ -11,7 +11,7 @@ image and class ids (so labels are the same as for the whole dataset, and as
 tensorflow-datasets numbers them). `--max-side N` shrinks every image whose
 longer side is above N pixels (JPEG quality 95) and scales its box with it.
 `data.read_cub(DEST)` and `--config.data.root=DEST` read the result; the
-README's cub50 tables come from `--classes 1-50 --max-side 256`.
+cub50 tables of docs/real-birds.md come from `--classes 1-50 --max-side 256`.
 """
 
 from __future__ import annotations

@@ -169,3 +169,109 @@ def paper_config(source: str, runlocal: bool = False, gpu: bool = False) -> ml_c
     c.saliency.alpha = 0.55
     c.stage1.eval_every = 5
   return c
+
+
+# What every key means: the documentation's config reference is generated from this and
+# base_config() (docs/hooks.py), and a test checks that every key of base_config() is here.
+KEY_DOCS = {
+    "seed": "Seed of every random choice: the synthetic data, splits, initialisation, batches, "
+            "augmentation, mining.",
+    "stages": "The stages to run, comma-separated, in this order: " + ", ".join(STAGES) + ".",
+    "rerun": "Stages to recompute although their inputs are unchanged (e.g. `stage1` or "
+             "`stage2,evaluate`); what depends on them reruns too. The finished results stay "
+             "until the new ones are complete.",
+    "progress": "Progress bars on stderr (a live bar on a terminal, one line per pass in a log).",
+    "data.source": "Where the images come from: " + ", ".join(SOURCES) + ".",
+    "data.root": "A local folder: CUB_200_2011/ (cub), Stanford Dogs' archives (dogs) or "
+                 "root/<class>/<image> (folder). cub and dogs without it go through "
+                 "tensorflow-datasets.",
+    "data.tfds_data_dir": "tensorflow-datasets' data directory (default its own).",
+    "data.tfds_manual_dir": "Where the downloaded archives lie when tensorflow-datasets cannot "
+                            "download them itself.",
+    "data.image_size": "Side of the square network input, in pixels (the paper: 299).",
+    "data.cache_dir": "The decode cache's folder (default <workdir>/cache).",
+    "data.skip_bad": "Skip undecodable image files (counted in the report) instead of stopping.",
+    "data.max_classes": "Keep only the first N classes (quick runs on a big dataset); 0 keeps all.",
+    "data.folder_test_fraction": "Folder source: the share of each class in the test split "
+                                 "(the queries), chosen with the seed.",
+    "data.synthetic.num_classes": "Synthetic birds: the number of classes (at most 120).",
+    "data.synthetic.per_class": "Synthetic birds: images per class.",
+    "data.synthetic.size": "Synthetic birds: the side of the drawn images, in pixels.",
+    "data.synthetic.test_fraction": "Synthetic birds: the share of each class in the test split.",
+    "data.synthetic.clutter": "Synthetic birds: background shapes and decoy parts, from 0 (a plain "
+                              "textured background) to 1 (the full clutter).",
+    "model.backbone": "The backbone: resnet18 (the paper's) or efficientnet_lite0.",
+    "model.width": "Channel multiplier of the backbone and the enhancement block (0.125: the tiny "
+                   "networks of the tests).",
+    "model.depth": "EfficientNet-Lite's block-count multiplier (1.0 is Lite0).",
+    "model.enhance": "The Inception-ResNet-C enhancement block after the backbone (ResNet18-I).",
+    "model.enhance_scale": "Residual scale of the enhancement block's branches.",
+    "model.dtype": "Compute dtype of the backbone and block: float32, or bfloat16 on GPUs "
+                   "(parameters and BatchNorm statistics stay float32).",
+    "model.pretrained": "`imagenet` (the backbone's standard ImageNet file), a .pth or .npz path, "
+                        "or unset: from scratch.",
+    "model.frozen_stages": "Stage 1 keeps the stem and this many stages of blocks frozen (0: "
+                           "fine-tune everything, as the paper does).",
+    "saliency.enabled": "Crop every image to its saliency box (the paper's step 1).",
+    "saliency.alpha": "The saliency threshold: pixels of the [0, 1] map above it form the box.",
+    "saliency.mode": "The box around the largest 4-connected region above alpha (`largest`) or "
+                     "around all of them (`all`).",
+    "saliency.margin": "The box grown by this fraction of its size on each side, then clipped.",
+    "saliency.network": "Whose feature map gives the saliency: `pretrained` (the model.pretrained "
+                        "network, nothing trained) or `stage1` (a classifier first trained on "
+                        "the uncropped images).",
+    "saliency.epochs": "Epochs of that bootstrap classifier; 0: stage1.epochs.",
+    "saliency.layer": "The map's layer: `output` (the deepest map), `last_stage` (the last stage "
+                      "of blocks) or `stage<k>` (an earlier, finer stage).",
+    "stage1.epochs": "Stage 1 (cross-entropy training of the network): epochs.",
+    "stage1.batch_size": "Stage 1: images per batch (over all devices).",
+    "stage1.learning_rate": "Stage 1: the peak learning rate of SGD (warm-up, then cosine decay).",
+    "stage1.momentum": "Stage 1: Nesterov momentum.",
+    "stage1.weight_decay": "Stage 1: weight decay on convolution and dense kernels.",
+    "stage1.warmup_epochs": "Stage 1: epochs of linear warm-up.",
+    "stage1.label_smoothing": "Stage 1: label smoothing of the cross-entropy.",
+    "stage1.crop": "Stage 1's augmentation crop: `random_resized` or `pad_and_crop`.",
+    "stage1.crop_scale_min": "Stage 1: the smallest area fraction of a random resized crop.",
+    "stage1.eval_every": "Stage 1: query accuracy every this many epochs (and after the last).",
+    "stage2.bits": "Code lengths, comma-separated; each trains its own hash layer.",
+    "stage2.epochs": "Stage 2 (the hash layer on the frozen features): epochs per code length.",
+    "stage2.mine_every": "Stage 2: re-mine the hard triplets over the whole training set every "
+                         "this many epochs (the paper's Eq. 4).",
+    "stage2.batch_size": "Stage 2: triplets per batch.",
+    "stage2.learning_rate": "Stage 2: Adam's learning rate.",
+    "stage2.loss": "Stage 2's loss: `adaptive` (the paper's Eq. 2-3), `triplet` (Eq. 1, "
+                   "stage2.margin) or `ce` (cross-entropy features, the paper's baseline).",
+    "stage2.margin_mode": "The adaptive loss's margin: `batch` (Eq. 3 on each batch), `ema` (its "
+                          "moving average) or `fixed` (stage2.margin).",
+    "stage2.margin": "The margin of the classic triplet loss, and of margin_mode `fixed`.",
+    "stage2.ema_decay": "margin_mode `ema`: the moving average's decay.",
+    "stage2.beta": "Hard mining (Eq. 4): the hardness factor; windows of the floor(P * beta) "
+                   "farthest positives and floor(N * beta * neg_factor) closest negatives.",
+    "stage2.neg_factor": "Hard mining: the negative window's extra factor (the paper: 0.1).",
+    "stage2.eval_every": "Stage 2: query mAP every this many epochs (and after the last).",
+    "eval.precision_k": "Evaluation: the k of precision@k.",
+    "eval.batch_size": "Images per batch of the whole-set passes (features, saliency maps).",
+    "parallel.devices": "Local devices to train on data-parallel; 0: all. Batch sizes must split "
+                        "evenly over them.",
+    "parallel.distributed": "Call jax.distributed.initialize first (several hosts).",
+    "parallel.coordinator_address": "Several hosts: the coordinator's host:port (unset: detected).",
+    "parallel.num_processes": "Several hosts: the number of processes (unset: detected).",
+    "parallel.process_id": "Several hosts: this process's index (unset: detected).",
+}
+
+
+def reference_rows(config=None) -> list[tuple[str, str, str]]:
+  """(key, default, meaning) of every key of `config` (default: base_config()), in order."""
+  import json  # pylint: disable=g-import-not-at-top
+  config = base_config() if config is None else config
+  rows = []
+
+  def walk(tree, prefix=""):
+    for key, value in tree.items():
+      name = prefix + key
+      if isinstance(value, dict):
+        walk(value, name + ".")
+      else:
+        rows.append((name, json.dumps(value), KEY_DOCS.get(name, "")))
+  walk(json.loads(config.to_json_best_effort()))
+  return rows
