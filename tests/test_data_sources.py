@@ -308,6 +308,61 @@ def test_tfds_mock_data_materialises_the_original_bytes(name, tmp_path):
   np.testing.assert_allclose(again.boxes, [largest] * 6, rtol=1e-6)
 
 
+def _tar_gz(path, folder, arcname):
+  import tarfile  # pylint: disable=g-import-not-at-top
+  with tarfile.open(path, "w:gz") as tar:
+    tar.add(folder, arcname=arcname)
+
+
+def test_tfds_builds_caltech_birds_from_a_cub_archive_in_the_manual_dir(cub_root, tmp_path,
+                                                                        monkeypatch):
+  # tensorflow-datasets' own caltech_birds2011 builder, end to end: the archives a user
+  # downloaded lie in manual_dir, tfds extracts, parses and encodes them into its records,
+  # and load_tfds writes the images back out. Only the registered checksums (of the 1.1 GB
+  # official archive) are replaced by those of the tiny archive this test writes.
+  pytest.importorskip("tensorflow")
+  tfds = pytest.importorskip("tensorflow_datasets")
+  pytest.importorskip("cv2")  # tfds decodes the segmentation masks with OpenCV
+  base = cub_root / "CUB_200_2011"
+  masks = tmp_path / "segmentations"
+  folder = data.read_cub(str(cub_root))
+  for path, (height, width) in zip(folder.paths, folder.sizes):
+    rel = os.path.relpath(path, base / "images")
+    os.makedirs(masks / os.path.dirname(rel), exist_ok=True)
+    Image.new("L", (int(width), int(height)), 255).save(masks / rel.replace(".jpg", ".png"))
+  # tfds pairs the lines of the three files by position, as the official archive orders
+  # them (the fixture shuffles the boxes to test read_cub's join on the image id).
+  lines = (base / "bounding_boxes.txt").read_text().split("\n")
+  (base / "bounding_boxes.txt").write_text("\n".join(sorted(filter(None, lines))) + "\n")
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  _tar_gz(manual / "CUB_200_2011.tgz", base, "CUB_200_2011")
+  _tar_gz(manual / "segmentations.tgz", masks, "segmentations")
+  builder_cls = tfds.builder_cls("caltech_birds2011")
+  urls = sorted(builder_cls.url_infos)
+  infos = {url: tfds.core.download.checksums.compute_url_info(manual / builder_cls.url_infos[url].filename)
+           for url in urls}
+  monkeypatch.setattr(builder_cls, "url_infos", infos)
+
+  out = tmp_path / "materialised"
+  ds = data.load_tfds("caltech_birds2011", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual),
+                      out_dir=str(out))
+  # tfds orders examples its own way: match each to the archive's image by its bytes.
+  originals = {}
+  for path, label, is_train, box in zip(folder.paths, folder.labels, folder.is_train, folder.boxes):
+    with open(path, "rb") as f:
+      originals[f.read()] = (int(label), bool(is_train), box)
+  assert len(ds.paths) == len(originals) == 4
+  for path, label, is_train, box in zip(ds.paths, ds.labels, ds.is_train, ds.boxes):
+    with open(path, "rb") as f:
+      expected_label, expected_train, expected_box = originals.pop(f.read())  # bytes unchanged
+    assert (int(label), bool(is_train)) == (expected_label, expected_train)
+    np.testing.assert_allclose(box, expected_box, atol=1e-6)  # tfds normalises like read_cub
+  assert ds.num_classes == 200 and ds.class_names[0] == "0"  # tfds's label names
+  images = data.cached_images(ds, 8, cache_dir=None, progress=False).images
+  assert images.shape == (4, 8, 8, 3)  # the greyscale JPEG decodes to RGB too
+
+
 def test_tfds_materialised_folder_loads_without_tensorflow(tmp_path, monkeypatch):
   out = tmp_path / "materialised"
   os.makedirs(out / "train")
