@@ -1,7 +1,9 @@
 """The documentation site holds every config key, every public module and every page."""
 
 import glob
+import importlib
 import importlib.util
+import inspect
 import os
 import re
 import subprocess
@@ -94,3 +96,24 @@ def test_site_builds_in_strict_mode(tmp_path):
       env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
   assert result.returncode == 0, result.stderr[-3000:]
   assert (tmp_path / "site" / "config" / "index.html").is_file()
+  # Each public name has one documented home: the module that defines it, never a
+  # package or module that re-exports it.
+  ids = []
+  for page in glob.glob(str(tmp_path / "site" / "api" / "*" / "index.html")):
+    ids += re.findall(r'id="(fgir_jax(?:\.\w+)+)"', _read(page))
+  assert len(ids) > 200 and len(ids) == len(set(ids))
+  homes = [_defining_module(name) for name in ids]
+  assert [(name, home) for name, home in zip(ids, homes) if home is not None
+          and not name.startswith(home + ".")] == []
+
+
+def _defining_module(name: str):
+  """The module that defines the module-level function or class `name`; None otherwise."""
+  module, _, attr = name.rpartition(".")
+  try:
+    obj = getattr(importlib.import_module(module), attr)
+  except (ImportError, AttributeError):
+    return None  # a member of a class, or a submodule
+  if inspect.isfunction(obj) or inspect.isclass(obj):
+    return obj.__module__
+  return None
