@@ -2,7 +2,7 @@
 
 Import the parts you need; nothing here imports TensorFlow:
 
-    from fgir_jax import losses, mining, metrics
+    from fgir_jax import losses, class_losses, mining, metrics
 """
 
 __version__ = "0.1.0"

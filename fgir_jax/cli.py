@@ -48,7 +48,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config file's path.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the run's outputs and checkpoints.")
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to do with the work directory.")
-_VARIANTS = flags.DEFINE_string("variants", "full,no_enhance,no_saliency,triplet,ce",
+_VARIANTS = flags.DEFINE_string("variants", "full,no_enhance,no_saliency,triplet,ce,class_aware",
                                 "--mode ablate: the variants to run, comma-separated.")
 _QUERY = flags.DEFINE_multi_string("query", [], "--mode search: a query image (repeatable).")
 _K = flags.DEFINE_integer("k", 10, "--mode search: results per query.")

@@ -97,7 +97,10 @@ def test_first_epoch_margin_is_eq3_mean_of_the_mined_triplets():
     (dict(loss="contrastive"), "loss must be one of"),
     (dict(margin_mode="median"), "margin_mode must be one of"),
     (dict(mine_every=0), "mine_every must be a positive integer"),
-    (dict(loss="ce"), "needs num_classes"),
+    (dict(loss="ce"), "need num_classes"),
+    (dict(class_term="centers"), "need num_classes"),
+    (dict(class_term="hadamard", num_classes=4), "class_term must be one of"),
+    (dict(class_term="proxies", num_classes=4, class_weight=-1.0), "class_weight must be >= 0"),
 ])
 def test_bad_settings_are_named(kwargs, match):
   with pytest.raises(ValueError, match=match):

@@ -380,7 +380,7 @@ def test_switching_the_saliency_crop_off_keeps_the_saliency_network(run_copy):
 # ----------------------------------------------------------------------------
 # Complete fingerprints: the dataset's files, the weights file, the code.
 # ----------------------------------------------------------------------------
-def test_an_image_replaced_under_the_same_name_reruns_the_data_and_what_follows(tmp_path):
+def test_an_image_replaced_under_the_same_name_reruns_the_data_and_what_follows_a_copy_does_not(tmp_path):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   config, workdir = tiny_config(), str(tmp_path / "run")
   config.data.source = "folder"
@@ -390,6 +390,11 @@ def test_an_image_replaced_under_the_same_name_reruns_the_data_and_what_follows(
   config.stage1.epochs = 1
   config.stage2.update(epochs=1, bits="8")
   _lines(config, workdir)
+  # The same files with new times (a dataset copied again): every finished stage is kept.
+  later = time.time_ns() + 10**9
+  for path in (tmp_path / "birds").rglob("*.png"):
+    os.utime(path, ns=(later, later))
+  assert _lines(config, workdir)[0].startswith("already done, skipped: data, saliency, stage1")
   image = tmp_path / "birds" / "b" / "1.png"
   Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(image)
   os.utime(image, ns=(time.time_ns(), time.time_ns() + 10**9))  # a later time, whatever the clock

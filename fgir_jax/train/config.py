@@ -20,6 +20,10 @@ SOURCES = ("synthetic", "cub", "dogs", "folder")
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # Repeat the stages a seed changes N times and report mean and spread: stage 2 and its
+  # evaluation, and from seeds_from on ("stage1", "saliency") the earlier stages too.
+  c.seeds = 1
+  c.seeds_from = "stage2"
   c.stages = ",".join(STAGES)          # comma-separated subset, run in this order
   # Stages to recompute although their inputs are unchanged, e.g. "stage1" or
   # "stage2,evaluate"; what depends on them reruns too. The finished results
@@ -86,6 +90,10 @@ def base_config() -> ml_collections.ConfigDict:
       bits="16,32,48,64", epochs=90, mine_every=3, batch_size=128, learning_rate=1e-3,
       loss="adaptive", margin_mode="batch", margin=0.2, ema_decay=0.9, beta=0.5,
       neg_factor=0.1, eval_every=3))
+  # Beyond the paper: a class-aware term added to the stage-2 loss (fgir_jax/class_losses.py):
+  # "none", "centers" (CSQ), "proxies" (OrthoHash) or "classifier", with its weight.
+  c.stage2.class_term = "none"
+  c.stage2.class_weight = 0.5
 
   # ---- evaluation ---------------------------------------------------------------
   c.eval = ml_collections.ConfigDict(dict(precision_k=10, batch_size=128))
@@ -176,6 +184,12 @@ def paper_config(source: str, runlocal: bool = False, gpu: bool = False) -> ml_c
 KEY_DOCS = {
     "seed": "Seed of every random choice: the synthetic data, splits, initialisation, batches, "
             "augmentation, mining.",
+    "seeds": "How many seeds: stage 2 and its evaluation (and the stages from seeds_from on) "
+             "run once per seed, and results.json reports the mean (`map`) and standard "
+             "deviation (`map_std`) over them. Seed 0 is the run's own; search uses it.",
+    "seeds_from": "The first stage that seeds repeat: `stage2` (default; stage 1 shared), "
+                  "`stage1` (a stage-1 network per seed) or `saliency` (also the bootstrap "
+                  "saliency classifier, saliency.network `stage1`).",
     "stages": "The stages to run, comma-separated, in this order: " + ", ".join(STAGES) + ".",
     "rerun": "Stages to recompute although their inputs are unchanged (e.g. `stage1` or "
              "`stage2,evaluate`); what depends on them reruns too. The finished results stay "
@@ -248,6 +262,12 @@ KEY_DOCS = {
     "stage2.beta": "Hard mining (Eq. 4): the hardness factor; windows of the floor(P * beta) "
                    "farthest positives and floor(N * beta * neg_factor) closest negatives.",
     "stage2.neg_factor": "Hard mining: the negative window's extra factor (the paper: 0.1).",
+    "stage2.class_term": "Beyond the paper: a class-aware term added to stage 2's loss "
+                         "(fgir_jax.class_losses): `none` (the paper), `centers` (CSQ's hash "
+                         "centres), `proxies` (OrthoHash's orthogonal proxies) or `classifier` "
+                         "(a linear classifier on the relaxed codes; the best on cub50, see docs/real-birds.md).",
+    "stage2.class_weight": "The class-aware term's weight (stage2.class_term); 0.5 measured "
+                           "best for `classifier` on cub50.",
     "stage2.eval_every": "Stage 2: query mAP every this many epochs (and after the last).",
     "eval.precision_k": "Evaluation: the k of precision@k.",
     "eval.batch_size": "Images per batch of the whole-set passes (features, saliency maps).",

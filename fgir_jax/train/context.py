@@ -30,6 +30,7 @@ class Run:
     self.dataset = None      # data_lib.Dataset, rows in source order
     self.images = None       # (n, s, s, 3) uint8, uncropped
     self.crops = None        # (n, s, s, 3) uint8, saliency crops (or the images)
+    self.crops_seed = None   # the saliency stage whose boxes made them ("saliency", "saliency_s1")
 
   @property
   def size(self) -> int:

@@ -74,9 +74,13 @@ def check_dataset(ds: data_lib.Dataset, echo=print) -> None:
 
 
 def files_digest(ds: data_lib.Dataset) -> str:
-  """A digest of what the data stage reads: each image file's path, size and modification
-  time (the pixels of in-memory images), and the labels, split, boxes and class names.
-  A replaced, added or removed image changes it; reading the files' contents is not needed."""
+  """A digest of what the data stage reads: each image file's path and contents (the pixels
+  of in-memory images), and the labels, split, boxes and class names.
+
+  A replaced, added or removed image changes it; a copy of the same files does not (a
+  dataset copied again, restored from a backup or unpacked anew keeps every finished
+  stage). Reading the files costs about a second per GB.
+  """
   h = hashlib.sha256()
   h.update(json.dumps([ds.name, list(ds.class_names)]).encode("utf-8"))
   for array in (ds.labels, ds.is_train, ds.boxes):
@@ -84,14 +88,21 @@ def files_digest(ds: data_lib.Dataset) -> str:
       h.update(np.ascontiguousarray(array).tobytes())
   if ds.paths is not None:
     for path in ds.paths:
-      try:
-        st = os.stat(path)
-        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
-      except OSError:  # missing: the decode names it (or skips it with data.skip_bad)
-        h.update(f"{path}\0missing\n".encode("utf-8", "surrogateescape"))
+      h.update(f"{path}\0{_file_sha256(path)}\n".encode("utf-8", "surrogateescape"))
   else:
     h.update(np.ascontiguousarray(ds.images).tobytes())
   return h.hexdigest()[:16]
+
+
+def _file_sha256(path: str) -> str:
+  try:
+    with open(path, "rb") as f:
+      file_hash = hashlib.sha256()
+      while chunk := f.read(1 << 20):
+        file_hash.update(chunk)
+      return file_hash.hexdigest()
+  except OSError:  # missing or unreadable: the decode names it (or skips it with data.skip_bad)
+    return "missing"
 
 
 def stage_data(run: Run) -> dict:

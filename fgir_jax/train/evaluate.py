@@ -8,7 +8,11 @@ command that narrows stage2.bits leaves the other lengths' results in place.
 Images added with `--mode index` are recorded in additions/index_<bits>.json
 and replayed into a rebuilt index: encoded again with the new networks.
 `results` writes results.json: the config's code lengths, and the finished
-lengths it no longer names as "kept" (stages.kept_lengths).
+lengths it no longer names as "kept" (stages.kept_lengths). With seeds, each
+seed k >= 1 has its own evaluate_<bits>_s<k> (scores and codes; the index is
+seed 0's), and results.json holds the mean over seeds under each metric's
+name, the standard deviation under "<metric>_std" and every seed's value
+under "per_seed".
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from fgir_jax import metrics
 from fgir_jax.train import encoder as encoder_lib
 from fgir_jax.train import finished
 from fgir_jax.train import stage2
+from fgir_jax.train import stages
 from fgir_jax.train.context import Run
 from fgir_jax.train.workdir import write_json
 
@@ -30,25 +35,37 @@ KEPT_NOTE = "kept from an earlier command"
 METRICS = ("map", "map_tie_aware", "precision_at_{k}")
 
 
-def stage_evaluate(run: Run, bits: int) -> dict:
-  """Codes, scores and index of one code length; returns its scores."""
+def stage_evaluate(run: Run, bits: int, seed: int = 0) -> dict:
+  """Codes, scores (and for seed 0 the index) of one code length; returns its scores.
+
+  codes/codes_<bits>.npz also holds each query's average precision (`ap`), which
+  the ablation's comparisons resample."""
   products = finished.Finished(run)
-  feats, params = products.features(), products.hash_layer(bits)
+  feats, params = products.features(seed), products.hash_layer(bits, seed)
   tr = feats["is_train"]
   q = stage2.codes(params, feats["features"][~tr])
   db = stage2.codes(params, feats["features"][tr])
   args = (q, feats["labels"][~tr], db, feats["labels"][tr])
   k = int(run.config.eval.precision_k)
-  row = {"bits": bits, "queries": int((~tr).sum()), "database": int(tr.sum()),
-         "map": metrics.mean_average_precision(*args, mesh=run.mesh),
+  ap = np.asarray(metrics.average_precisions(*args, mesh=run.mesh))
+  row = {"bits": bits, "seed": seed, "queries": int((~tr).sum()), "database": int(tr.sum()),
+         "map": _mean_over_defined(ap),
          "map_tie_aware": metrics.mean_average_precision(*args, ties="average", mesh=run.mesh),
          f"precision_at_{k}": metrics.precision_at_k(*args, k=k, mesh=run.mesh)}
-  write_json(run.wd.out("evaluate", f"{bits}.json"), row)
-  np.savez(run.wd.out("codes", f"codes_{bits}.npz"), query=np.packbits(q, axis=1),
-           database=np.packbits(db, axis=1), bits=bits)
-  save_index(run, bits, db, feats["labels"][tr])
-  run.wd.log(f"evaluate_{bits}", map=row["map"])
+  sfx = stages.seed_suffix(seed)
+  write_json(run.wd.out("evaluate", f"{bits}{sfx}.json"), row)
+  np.savez(run.wd.out("codes", f"codes_{bits}{sfx}.npz"), query=np.packbits(q, axis=1),
+           database=np.packbits(db, axis=1), bits=bits, ap=ap.astype(np.float32))
+  if seed == 0:
+    save_index(run, bits, db, feats["labels"][tr])
+  run.wd.log(stages.stage_name("evaluate", bits, seed), map=row["map"])
   return {"map": row["map"]}
+
+
+def _mean_over_defined(ap: np.ndarray) -> float:
+  """mAP as metrics.mean_average_precision gives it: queries without a relevant item left out."""
+  defined = ap[~np.isnan(ap)]
+  return float(defined.mean()) if defined.size else float("nan")
 
 
 def save_index(run: Run, bits: int, db_codes, db_labels) -> str:
@@ -114,27 +131,60 @@ def _replay_additions(run: Run, bits: int, index) -> None:
 # ----------------------------------------------------------------------------
 def stage_results(run: Run, kept_bits=()) -> dict:
   """results.json: each metric by code length for the config's lengths, the kept ones
-  under "kept", and stage 1's accuracy and the saliency stage's localisation."""
-  k = int(run.config.eval.precision_k)
+  under "kept", and stage 1's accuracy and the saliency stage's localisation. With
+  config.seeds = N > 1 each value is the mean over the seeds, "<name>_std" the sample
+  standard deviation (ddof=1) and "per_seed" every seed's value."""
+  config = run.config
+  k = int(config.eval.precision_k)
   names = [m.format(k=k) for m in METRICS]
   results = {name: {} for name in names}
   results.update(dataset=run.dataset.name, kept={})
+  per_seed = {name: {} for name in names}
   for bits in run.bits:
-    row = _row(run.wd.read("evaluate", f"{bits}.json"))
+    rows = [_row(run.wd.read("evaluate", f"{bits}{stages.seed_suffix(seed)}.json"))
+            for seed in stages.seed_list(config, "evaluate")]
     for name in names:
-      results[name][str(bits)] = row.get(name)
-    results.update(queries=row.get("queries"), database=row.get("database"))
+      per_seed[name][str(bits)] = [row.get(name) for row in rows]
+    results.update(queries=rows[0].get("queries"), database=rows[0].get("database"))
   for bits in kept_bits:
     row = _row(run.wd.file("evaluate", f"{bits}.json"))
     results["kept"][str(bits)] = dict({n: row.get(n) for n in names}, note=KEPT_NOTE)
-  results["accuracy"] = (run.wd.done("stage1") or {}).get("accuracy")
-  sal = run.wd.done("saliency") or {}
+  per_seed["accuracy"] = [(run.wd.done(s) or {}).get("accuracy")
+                          for s in stages.expand(config, "stage1")]
+  saliency_runs = [run.wd.done(s) or {} for s in stages.expand(config, "saliency")]
   for key in ("corloc", "mean_iou", "full_image_corloc", "uncropped_accuracy"):
-    if key in sal:
-      results[key] = sal[key]
+    if key in saliency_runs[0]:
+      per_seed[key] = [sal.get(key) for sal in saliency_runs]
+  for name, values in per_seed.items():
+    if isinstance(values, dict):
+      results[name] = {b: mean_or_none(v) for b, v in values.items()}
+    else:
+      results[name] = mean_or_none(values)
+  if stages.seeds(config) > 1:
+    results["seeds"] = stages.seeds(config)
+    for name, values in per_seed.items():
+      if isinstance(values, dict):
+        results[f"{name}_std"] = {b: std_or_none(v) for b, v in values.items()}
+      elif len(values) > 1:
+        results[f"{name}_std"] = std_or_none(values)
+    results["per_seed"] = per_seed
   write_json(run.wd.out("results.json"), results)
   run.wd.log("results", **{f"map_{b}": v for b, v in results["map"].items()})
-  return {"bits": run.bits, "kept_bits": list(kept_bits)}
+  return {"bits": run.bits, "kept_bits": list(kept_bits), "seeds": stages.seeds(config)}
+
+
+def mean_or_none(values: list) -> float | None:
+  """The mean of the values; None if any is missing."""
+  if not values or any(v is None for v in values):
+    return None
+  return float(np.mean(values))
+
+
+def std_or_none(values: list) -> float | None:
+  """The sample standard deviation (ddof=1) of two or more values; None if any is missing."""
+  if len(values) < 2 or any(v is None for v in values):
+    return None
+  return float(np.std(values, ddof=1))
 
 
 def _row(path: str) -> dict:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fgir_jax import class_losses
 from fgir_jax import losses
 from fgir_jax import mining
 from fgir_jax import parallel
@@ -33,6 +34,7 @@ from fgir_jax.models.heads import HashHead
 
 LOSSES = ("adaptive", "triplet", "ce")
 MARGIN_MODES = ("batch", "ema", "fixed")
+CLASS_TERMS = ("none", "centers", "proxies", "classifier")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +47,11 @@ class Stage2Settings:
     needs `num_classes`).
   margin_mode (adaptive only): "batch" is Eq. 3 on each batch's triplets,
     "ema" an exponential moving average of it across steps, "fixed" uses `margin`.
+  class_term: a class-aware term added to the loss with weight `class_weight`
+    (beyond the paper; fgir_jax.class_losses): "none", "centers" (CSQ's hash
+    centres), "proxies" (OrthoHash's orthogonal proxies) or "classifier" (a
+    linear classifier on the relaxed codes). It covers every row of a batch
+    (anchors, positives and negatives) and needs `num_classes`.
   """
   bits: int
   epochs: int = 90
@@ -58,6 +65,8 @@ class Stage2Settings:
   beta: float = 0.5
   neg_factor: float = 0.1
   num_classes: int = 0
+  class_term: str = "none"
+  class_weight: float = 0.5
 
   def __post_init__(self):
     if self.loss not in LOSSES:
@@ -67,8 +76,17 @@ class Stage2Settings:
     for name in ("bits", "epochs", "mine_every", "batch_size"):
       if int(getattr(self, name)) < 1:
         raise ValueError(f"stage2 {name} must be a positive integer, got {getattr(self, name)}.")
-    if self.loss == "ce" and self.num_classes < 2:
-      raise ValueError("stage2 loss='ce' needs num_classes >= 2 (the classifier's outputs).")
+    if self.class_term not in CLASS_TERMS:
+      raise ValueError(f"stage2 class_term must be one of {CLASS_TERMS}, got {self.class_term!r}.")
+    if not float(self.class_weight) >= 0.0:
+      raise ValueError(f"stage2 class_weight must be >= 0, got {self.class_weight}.")
+    if (self.loss == "ce" or self.class_term != "none") and self.num_classes < 2:
+      raise ValueError("stage2 loss='ce' and a class_term need num_classes >= 2 (one output "
+                       "or centre per class).")
+
+  @property
+  def has_classifier(self) -> bool:
+    return self.loss == "ce" or self.class_term == "classifier"
 
 
 # ----------------------------------------------------------------------------
@@ -89,15 +107,21 @@ def hash_outputs(params: dict, features: jax.Array) -> jax.Array:
 # One epoch: a scan over batches of triplets (global indices into features).
 # ----------------------------------------------------------------------------
 def _trainable(state: dict) -> dict:
-  """What the optimizer updates: the hash layer, and the classifier for loss="ce"."""
+  """What the optimizer updates: the hash layer, and its classifier (loss "ce", class_term
+  "classifier")."""
   return {k: state[k] for k in ("params", "classifier") if k in state}
 
 
-def _cross_entropy(classifier, emb, labels, valid):
-  logits = emb @ classifier["kernel"] + classifier["bias"]
-  per = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
-  w = valid.astype(jnp.float32)
-  return (per * w).sum() / jnp.maximum(w.sum(), 1.0)
+def _class_term(trainable, emb, labels, valid, settings):
+  """The class-aware term over the batch's rows (emb: (3B, bits), labels and valid per row)."""
+  if settings.class_term == "classifier":
+    c = trainable["classifier"]
+    return class_losses.classifier_loss(emb, labels, c["kernel"], c["bias"], valid)
+  # Fixed class codes: constants of the compiled step.
+  codes = class_losses.hash_centers(settings.num_classes, settings.bits)
+  if settings.class_term == "centers":
+    return class_losses.center_loss(emb, labels, codes, valid)
+  return class_losses.proxy_loss(emb, labels, codes, valid=valid)
 
 
 def _batch_terms(trainable, features, labels, triplets, valid, margin, settings):
@@ -109,9 +133,14 @@ def _batch_terms(trainable, features, labels, triplets, valid, margin, settings)
   if settings.loss == "triplet":
     loss = losses.triplet_loss(dist, local, margin=settings.margin, valid=valid)
   elif settings.loss == "ce":  # every anchor once per epoch: plain CE over the examples
-    loss = _cross_entropy(trainable["classifier"], emb[0::3], labels[triplets[:, 0]], valid)
+    c = trainable["classifier"]
+    loss = class_losses.classifier_loss(emb[0::3], labels[triplets[:, 0]], c["kernel"],
+                                        c["bias"], valid)
   else:
     loss = losses.adaptive_triplet_loss(dist, local, margin=margin, valid=valid)
+  if settings.class_term != "none":
+    loss = loss + settings.class_weight * _class_term(
+        trainable, emb, labels[triplets.reshape(-1)], jnp.repeat(valid, 3), settings)
   stats = losses.triplet_stats(dist, local, valid)
   return loss, {"d_ap": stats["d_ap"], "d_an": stats["d_an"], "count": stats["num_valid"]}
 
@@ -198,7 +227,7 @@ def init_state(key, features, labels, settings: Stage2Settings, optimizer) -> di
   w = valid.astype(jnp.float32)
   margin0 = ((d_an - d_ap) * w).sum() / jnp.maximum(w.sum(), 1.0)
   train = {"params": params, "ema_margin": margin0}
-  if settings.loss == "ce":
+  if settings.has_classifier:
     train["classifier"] = {
         "kernel": jax.nn.initializers.lecun_normal()(jax.random.fold_in(key, 2),
                                                       (settings.bits, settings.num_classes)),

@@ -52,11 +52,23 @@ def check_config(config, bits) -> None:
     raise ValueError(f"saliency.alpha must be in [0, 1), got {config.saliency.alpha}.")
   if int(config.data.image_size) < 16:
     raise ValueError(f"data.image_size must be at least 16 pixels, got {config.data.image_size}.")
+  _check_seeds(config)
   stage1.stage1_settings(config)
   for b in bits:
     stage2.stage2_settings(config, b, num_classes=2)
 
 
+
+
+def _check_seeds(config) -> None:
+  seeds = config.seeds
+  if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+    raise ValueError(f"seeds must be a positive integer (how many seeds), got {seeds!r}.")
+  _validate.check_choice(config.seeds_from, ("stage2", "stage1", "saliency"), "seeds_from")
+  if config.seeds_from == "saliency" and config.saliency.network != "stage1":
+    raise ValueError("seeds_from='saliency' repeats the saliency stage's bootstrap classifier, "
+                     f"but saliency.network is {config.saliency.network!r}, which trains "
+                     "nothing there: use --config.seeds_from=stage1.")
 
 
 def check_rerun(config) -> set[str]:
@@ -101,19 +113,21 @@ def weights_digest(config) -> str | None:
 # Driver
 # ----------------------------------------------------------------------------
 def _run_stage(r: Run, stage: str, facts: stages_lib.Facts) -> dict:
-  if stage == "saliency":
+  base, bits, seed = stages_lib.parse(stage)
+  if base == "saliency":
     if not r.config.saliency.enabled:
       return {"enabled": False}
-    return saliency_stage.stage_saliency(r)
-  if stage in ("stage1", "report") and r.crops is None:
-    saliency_stage.load_crops(r)
-  base, bits = stages_lib.base_name(stage), stages_lib.bits_of(stage)
-  if stage == "stage1":
-    return stage1.stage_stage1(r)
+    return saliency_stage.stage_saliency(r, seed)
+  if base in ("stage1", "report"):
+    crop_seed = seed if base == "stage1" else 0
+    if r.crops is None or r.crops_seed != stages_lib.upstream_of(r.config, "saliency", crop_seed):
+      saliency_stage.load_crops(r, crop_seed)
+  if base == "stage1":
+    return stage1.stage_stage1(r, seed)
   if base == "stage2":
-    return stage2.stage_stage2(r, bits)
+    return stage2.stage_stage2(r, bits, seed)
   if base == "evaluate":
-    return evaluate.stage_evaluate(r, bits)
+    return evaluate.stage_evaluate(r, bits, seed)
   if stage == "results":
     return evaluate.stage_results(r, facts.kept_bits)
   return stage_report(r)
@@ -211,7 +225,6 @@ def _reuse(r: Run, sources, fps) -> None:
     for other in others:
       marker = other.final_marker(stage)
       if marker is not None and marker.get("fingerprint") == fps[stage]:
-        log_stages = stages_lib.LOG_STAGES.get(stages_lib.base_name(stage), (stage,))
-        r.wd.adopt(other, stage, log_stages)
+        r.wd.adopt(other, stage, stages_lib.log_stages(stage))
         r.echo(f"{stage}: reused from {other.path} (same inputs)")
         break

@@ -77,6 +77,17 @@ def pct(value, missing: str = NOT_RUN) -> str:
   return value if isinstance(value, str) else f"{100 * float(value):.2f}%"
 
 
+def with_spread(results: dict, key: str, bits: int | None = None, missing: str = NOT_RUN) -> str:
+  """A result as a percentage, "mean% ± std" when results.json holds the spread over seeds."""
+  value, spread = results.get(key), results.get(f"{key}_std")
+  if bits is not None:
+    value = (value or {}).get(str(bits))
+    spread = (spread or {}).get(str(bits))
+  if value is None or spread is None:
+    return pct(value, missing)
+  return f"{pct(value)} ± {100 * float(spread):.2f}"
+
+
 def _paper_table(header, rows, paper: dict, paper_cells) -> str:
   """The table with a paper column only when the data is the paper's."""
   if paper:
@@ -123,20 +134,21 @@ def network_name(config, enhance: bool | None = None) -> str:
   return name + ("-I" if enhance else "")
 
 
-def _main_map(facts: dict):
+def _main_map(facts: dict) -> str:
+  """The mAP at the main code length, formatted (with its spread over seeds)."""
   b = facts["main_bits"]
-  return None if b is None else facts["results"]["map"].get(str(b))
+  return NOT_RUN if b is None else with_spread(facts["results"], "map", b)
 
 
 # ----------------------------------------------------------------------------
 # The tables
 # ----------------------------------------------------------------------------
 def _accuracy_section(config, facts, paper) -> list[str]:
-  acc = facts["results"].get("accuracy")
+  acc = with_spread(facts["results"], "accuracy")
   other = f"{NOT_RUN} (see the ablation)"
   enhance = bool(config.model.enhance)
-  rows = [[network_name(config, False), other if enhance else pct(acc)],
-          [f"{network_name(config, True)} (feature enhancement)", pct(acc) if enhance else other]]
+  rows = [[network_name(config, False), other if enhance else acc],
+          [f"{network_name(config, True)} (feature enhancement)", acc if enhance else other]]
   cells = [_paper_cell(paper.get("accuracy", {}).get(k), name)
            for k, name in (("resnet18", "ResNet18"), ("resnet18_i", "ResNet18-I"))]
   return ["## Classification accuracy, stage 1 (paper Table 1)", "",
@@ -152,7 +164,7 @@ def _paper_cell(value, network: str) -> str:
 
 def _loss_section(config, facts, paper) -> list[str]:
   loss, b = config.stage2.loss, facts["main_bits"]
-  rows = [[label, pct(_main_map(facts)) if key == loss else NOT_RUN] for key, label in LOSS_ROWS]
+  rows = [[label, _main_map(facts) if key == loss else NOT_RUN] for key, label in LOSS_ROWS]
   cells = [f"{pct(paper.get('map_by_loss', {}).get(k), 'not reported')} ({PAPER_LOSS_NETWORK[k]})"
            for k, _ in LOSS_ROWS]
   col = f"this run: mAP ({facts['network']}, {b if b else '?'} bits)"
@@ -167,7 +179,7 @@ def _loss_section(config, facts, paper) -> list[str]:
 def _uncropped_accuracy(config, facts) -> str:
   """The accuracy without crops: the bootstrap network, when the run trained one."""
   if not config.saliency.enabled:
-    return pct(facts["results"].get("accuracy"))
+    return with_spread(facts["results"], "accuracy")
   if facts["boot_accuracy"] is None:
     return f"{NOT_RUN} (no network was trained on uncropped images)"
   return (f"{pct(facts['boot_accuracy'])} (bootstrap CE network `saliency_net`, "
@@ -175,11 +187,11 @@ def _uncropped_accuracy(config, facts) -> str:
 
 
 def _saliency_section(config, facts, paper) -> list[str]:
-  acc, on = facts["results"].get("accuracy"), bool(config.saliency.enabled)
+  acc, on = with_spread(facts["results"], "accuracy"), bool(config.saliency.enabled)
   cropped = [f"saliency crops (alpha={config.saliency.alpha:g})",
-             pct(acc) if on else NOT_RUN, pct(_main_map(facts)) if on else NOT_RUN]
+             acc if on else NOT_RUN, _main_map(facts) if on else NOT_RUN]
   uncropped = ["uncropped images", _uncropped_accuracy(config, facts),
-               NOT_RUN if on else pct(_main_map(facts))]
+               NOT_RUN if on else _main_map(facts)]
   cells = ["gain over uncropped: " + pct(paper.get("saliency_gain"), "not reported"), "baseline"]
   col = f"mAP ({facts['main_bits']} bits)" if facts["main_bits"] else "mAP"
   return ["## Saliency crop on / off (paper Table 2)", "",
@@ -193,16 +205,20 @@ def _bits_section(facts, paper) -> list[str]:
   rows, cells = [], []
   kept = res.get("kept") or {}
   for b in sorted(set(PAPER_BITS) | set(facts["bits"]) | {int(k) for k in kept}):
-    source = kept.get(str(b)) if str(b) in kept else {key: (res.get(key) or {}).get(str(b))
-                                                      for key in ("map", "map_tie_aware", k_key)}
-    label = f"{b} ({kept[str(b)]['note']})" if str(b) in kept else b
-    rows.append([label] + [pct(source.get(key)) for key in ("map", "map_tie_aware", k_key)])
+    keys = ("map", "map_tie_aware", k_key)
+    if str(b) in kept:
+      rows.append([f"{b} ({kept[str(b)]['note']})"] + [pct(kept[str(b)].get(key)) for key in keys])
+    else:
+      rows.append([b] + [with_spread(res, key, b) for key in keys])
     ours = paper.get("map_by_bits", {}).get(b)
     fph = paper.get("fph_map_by_bits", {}).get(b)
     cell = "not in PAPER.md (Table 3)" if ours is None else f"{pct(ours)} (ResNet18-I)"
     cells.append(cell + ("" if fph is None else f"; FPH {pct(fph)}"))
   note = ("Stable ties rank equal distances in database order; tie-aware averages "
           "the precision over each tie (the expected mAP under random tie order).")
+  if res.get("seeds"):
+    note += (f" Each value is the mean over {res['seeds']} seeds ± their sample standard "
+             "deviation (results.json: per_seed).")
   return ["## mAP by code length (paper Table 3, Fig. 7)", "",
           _paper_table(header, rows, paper, cells), "", note, ""]
 

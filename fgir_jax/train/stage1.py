@@ -17,6 +17,7 @@ from fgir_jax.data import batching
 from fgir_jax.train import inference
 from fgir_jax.train import networks
 from fgir_jax.train import stage1_step
+from fgir_jax.train import stages
 from fgir_jax.train.checkpoints import StageCheckpoints
 from fgir_jax.train.context import Run, progress_bar
 
@@ -126,12 +127,14 @@ def encode_all(run: Run, net, variables, images, desc: str, with_maps: bool = Fa
   return out
 
 
-def stage_stage1(run: Run) -> dict:
+def stage_stage1(run: Run, seed: int = 0) -> dict:
   """Trains stage 1, then writes the final network (stage1/network.msgpack) and its pooled
-  features of every image (stage1/features.npz), which stage 2 and the evaluation use."""
-  net, variables, acc = train_classifier(run, "stage1", run.crops)
-  networks.save_variables(run.wd.out("stage1", "network.msgpack"), variables)
+  features of every image (stage1/features.npz), which stage 2 and the evaluation use.
+  Seed k >= 1 (config.seeds_from) trains its own network into stage1_s<k>/."""
+  name = stages.stage_name("stage1", seed=seed)
+  net, variables, acc = train_classifier(run, name, run.crops)
+  networks.save_variables(run.wd.out(name, "network.msgpack"), variables)
   out = encode_all(run, net, variables, run.crops, "pooled features")
-  np.savez(run.wd.out("stage1", "features.npz"), features=out["pooled"],
+  np.savez(run.wd.out(name, "features.npz"), features=out["pooled"],
            labels=run.dataset.labels, is_train=run.dataset.is_train)
   return {"accuracy": acc}

@@ -9,6 +9,7 @@ import numpy as np
 from fgir_jax import metrics
 from fgir_jax.train import finished
 from fgir_jax.train import hash_layer
+from fgir_jax.train import stages
 from fgir_jax.train.checkpoints import StageCheckpoints
 from fgir_jax.train.context import Run
 
@@ -18,7 +19,8 @@ def stage2_settings(config, bits: int, num_classes: int = 0) -> hash_layer.Stage
   return hash_layer.Stage2Settings(num_classes=num_classes,
       bits=bits, epochs=s.epochs, mine_every=s.mine_every, batch_size=s.batch_size,
       learning_rate=s.learning_rate, loss=s.loss, margin_mode=s.margin_mode, margin=s.margin,
-      ema_decay=s.ema_decay, beta=s.beta, neg_factor=s.neg_factor)
+      ema_decay=s.ema_decay, beta=s.beta, neg_factor=s.neg_factor,
+      class_term=s.class_term, class_weight=s.class_weight)
 
 
 def codes(params, features):
@@ -26,14 +28,14 @@ def codes(params, features):
   return np.asarray(hash_layer.hash_outputs(params, jnp.asarray(features)) > 0)
 
 
-def train_bits(run: Run, feats: dict, bits: int) -> dict:
-  """Stage 2 at one code length, resumable; returns the final hash params."""
+def train_bits(run: Run, feats: dict, bits: int, seed: int = 0) -> dict:
+  """Stage 2 at one code length and seed, resumable; returns the final hash params."""
   settings = stage2_settings(run.config, bits, len(run.dataset.class_names))
   tr = feats["is_train"]
   x_train, y_train = feats["features"][tr], feats["labels"][tr]
   x_query, y_query = feats["features"][~tr], feats["labels"][~tr]
-  name = f"stage2_{bits}"
-  key = run.stage_key(name)
+  name = stages.stage_name("stage2", bits, seed)
+  key = run.stage_key(name)  # each seed's own: initialisation, mining and batch order
   fresh = lambda: hash_layer.new_state(jax.random.split(key)[0], x_train, y_train, settings)
   eval_every = max(1, int(run.config.stage2.eval_every))
 
@@ -65,8 +67,10 @@ def train_bits(run: Run, feats: dict, bits: int) -> dict:
   return hash_layer.hash_params(state)
 
 
-def stage_stage2(run: Run, bits: int) -> dict:
-  """Stage 2 at one code length: the hash layer, saved as stage2/hash_<bits>.npz."""
-  params = train_bits(run, finished.Finished(run).features(), bits)
-  np.savez(run.wd.out("stage2", f"hash_{bits}.npz"), **jax.device_get(params))
-  return {"bits": bits}
+def stage_stage2(run: Run, bits: int, seed: int = 0) -> dict:
+  """Stage 2 at one code length and seed: the hash layer, saved as
+  stage2/hash_<bits>.npz (seed k >= 1: hash_<bits>_s<k>.npz)."""
+  params = train_bits(run, finished.Finished(run).features(seed), bits, seed)
+  np.savez(run.wd.out("stage2", f"hash_{bits}{stages.seed_suffix(seed)}.npz"),
+           **jax.device_get(params))
+  return {"bits": bits, "seed": seed}

@@ -14,6 +14,14 @@ length (`stage2_64`, `evaluate_64`), each owning its outputs; `results`
 gathers the lengths of the config into results.json, and lists finished
 lengths the config no longer names (`Facts.kept_bits`) as kept.
 
+Seeds (`config.seeds` = N > 1) repeat the stages a seed changes: stage 2 and
+its evaluation always, and from `config.seeds_from` on ("stage1" or
+"saliency") the earlier ones too. Seed k >= 1 of a stage is its own stage,
+`<stage>_s<k>` (`stage2_64_s2`, `stage1_s1`), with the seed index among its
+inputs and its own outputs (`stage2/hash_64_s2.npz`); seed 0 is the stage as
+a one-seed run has it, so adding seeds keeps every finished stage and trains
+only the new seeds. `results` reports the mean and spread over seeds.
+
     steps = stages.plan(config, facts, wd, rerun={"stage1"})
     for step in steps: print(step.stage, step.reason)
 """
@@ -32,23 +40,28 @@ RUN_ONLY = ("stages", "rerun", "progress", "data.cache_dir", "eval.batch_size",
             "stage1.eval_every", "stage2.eval_every", "stage2.bits")
 RUN_ONLY_PREFIXES = ("parallel.",)
 
-# Paths each stage writes (relative to the work directory); "{bits}" for the per-length stages.
+# Paths each stage writes (relative to the work directory); "{bits}" for the per-length
+# stages, "{seed}" the seed's suffix ("" for seed 0, "_s<k>" for seed k).
 OUTPUTS = {
     "data": ("examples",),
-    "saliency": ("saliency", "ckpt/saliency_net"),
-    "stage1": ("ckpt/stage1", "stage1"),
-    "stage2": ("ckpt/stage2_{bits}", "stage2/hash_{bits}.npz"),
-    "evaluate": ("evaluate/{bits}.json", "codes/codes_{bits}.npz", "index/index_{bits}.npz",
-                 "index/index_{bits}.json"),
+    "saliency": ("saliency{seed}", "ckpt/saliency_net{seed}"),
+    "stage1": ("ckpt/stage1{seed}", "stage1{seed}"),
+    "stage2": ("ckpt/stage2_{bits}{seed}", "stage2/hash_{bits}{seed}.npz"),
+    "evaluate": ("evaluate/{bits}{seed}.json", "codes/codes_{bits}{seed}.npz"),
     "results": ("results.json",),
     "report": ("report.md", "plots"),
 }
-# metrics.jsonl rows that belong to each stage (copied with it when reused).
+# The searchable index: seed 0's codes (the other seeds only measure the spread).
+INDEX_OUTPUTS = ("index/index_{bits}.npz", "index/index_{bits}.json")
+# The stages that seeds can repeat, in order: config.seeds_from names the first one.
+SEEDABLE = ("saliency", "stage1", "stage2", "evaluate")
+# metrics.jsonl rows that belong to each stage (copied with it when reused); seed k's with
+# the seed's suffix.
 LOG_STAGES = {"saliency": ("saliency", "saliency_net")}
 # Bumped when a stage computes something else from the same inputs: its
 # finished results (and those after it) are then recomputed.
-CODE_VERSIONS = {"data": 2, "saliency": 2, "stage1": 2, "stage2": 2, "evaluate": 2,
-                 "results": 2, "report": 2}
+CODE_VERSIONS = {"data": 3, "saliency": 2, "stage1": 2, "stage2": 2, "evaluate": 3,
+                 "results": 3, "report": 3}
 PER_LENGTH = ("stage2", "evaluate")
 
 
@@ -56,8 +69,8 @@ PER_LENGTH = ("stage2", "evaluate")
 class Facts:
   """What a stage's inputs hold beyond the config, measured when a command starts.
 
-  data_files: a digest of the dataset: each image file's path, size and
-    modification time, and the labels, split, boxes and class names.
+  data_files: a digest of the dataset: each image file's path and contents, and
+    the labels, split, boxes and class names (data_stage.files_digest).
   weights: the SHA-256 of the file behind model.pretrained (None without one).
   kept_bits: finished code lengths that config.stage2.bits no longer names and
     that still belong to the finished stage 1 (`kept_lengths`).
@@ -85,53 +98,113 @@ def comparable(config) -> dict:
           if k not in RUN_ONLY and not k.startswith(RUN_ONLY_PREFIXES)}
 
 
-def _pick(flat: dict, prefixes: tuple[str, ...], exclude: tuple[str, ...] = ()) -> dict:
+def _pick(flat: dict, names: tuple[str, ...], exclude: tuple[str, ...] = ()) -> dict:
+  """The keys of `names`: "stage1." every key under it, "seed" that key alone."""
   return {k: v for k, v in flat.items()
-          if any(k == p or k.startswith(p) for p in prefixes) and k not in exclude}
+          if any(k == p or (p.endswith(".") and k.startswith(p)) for p in names)
+          and k not in exclude}
+
+
+def parse(stage: str) -> tuple[str, int | None, int]:
+  """stage2_64_s2 -> ("stage2", 64, 2); stage1 -> ("stage1", None, 0); results -> ("results", ...)."""
+  parts = stage.split("_")
+  seed = 0
+  if len(parts) > 1 and parts[-1][:1] == "s" and parts[-1][1:].isdigit() and parts[0] in SEEDABLE:
+    seed = int(parts.pop()[1:])
+  bits = None
+  if parts[0] in PER_LENGTH and len(parts) == 2 and parts[1].isdigit():
+    bits = int(parts.pop())
+  return "_".join(parts), bits, seed
+
+
+def stage_name(base: str, bits: int | None = None, seed: int = 0) -> str:
+  """The inverse of `parse`: ("stage2", 64, 2) -> stage2_64_s2."""
+  return base + (f"_{bits}" if bits is not None else "") + (f"_s{seed}" if seed else "")
 
 
 def base_name(stage: str) -> str:
-  """stage2_64 -> stage2, evaluate_64 -> evaluate."""
-  head, _, tail = stage.partition("_")
-  return head if head in PER_LENGTH and tail.isdigit() else stage
+  """stage2_64 -> stage2, evaluate_64_s1 -> evaluate, stage1_s2 -> stage1."""
+  return parse(stage)[0]
 
 
 def bits_of(stage: str) -> int | None:
-  head, _, tail = stage.partition("_")
-  return int(tail) if head in PER_LENGTH and tail.isdigit() else None
+  return parse(stage)[1]
+
+
+def seed_of(stage: str) -> int:
+  """The seed index of a stage: 0 for the stages of a one-seed run."""
+  return parse(stage)[2]
+
+
+def seed_suffix(seed: int) -> str:
+  return f"_s{seed}" if seed else ""
+
+
+def log_stages(stage: str) -> tuple[str, ...]:
+  """The names of a stage's rows in metrics.jsonl."""
+  base, _, seed = parse(stage)
+  return tuple(n + seed_suffix(seed) for n in LOG_STAGES[base]) if base in LOG_STAGES else (stage,)
 
 
 def outputs(stage: str) -> tuple[str, ...]:
-  bits = bits_of(stage)
-  return tuple(p.format(bits=bits) for p in OUTPUTS[base_name(stage)])
+  base, bits, seed = parse(stage)
+  paths = OUTPUTS[base] + (INDEX_OUTPUTS if base == "evaluate" and seed == 0 else ())
+  return tuple(p.format(bits=bits, seed=seed_suffix(seed)) for p in paths)
+
+
+def seeds(config) -> int:
+  return int(config.seeds)
+
+
+def seeded(config, base: str) -> bool:
+  """Whether seeds repeat stage `base` (stage 2 and evaluate always, earlier ones if asked)."""
+  return (base in SEEDABLE and seeds(config) > 1
+          and SEEDABLE.index(base) >= SEEDABLE.index(config.seeds_from))
+
+
+def seed_list(config, base: str) -> range:
+  return range(seeds(config) if seeded(config, base) else 1)
+
+
+def expand(config, base: str) -> list[str]:
+  """One stage name per code length (stage2, evaluate) and per seed that repeats it."""
+  lengths = config_lib.bit_list(config) if base in PER_LENGTH else [None]
+  return [stage_name(base, b, k) for b in lengths for k in seed_list(config, base)]
 
 
 def per_length(config, base: str) -> list[str]:
-  return [f"{base}_{b}" for b in config_lib.bit_list(config)]
+  """Seed 0's stage of each code length: stage2_16, stage2_32, ..."""
+  return [stage_name(base, b) for b in config_lib.bit_list(config)]
 
 
 def concrete(config) -> list[str]:
-  """The stages config.stages names, stage2 and evaluate expanded per code length, in run order."""
+  """The stages config.stages names, expanded per code length and seed, in run order."""
   names = []
   for stage in config_lib.stage_list(config):
-    if stage == "stage2":
-      names += per_length(config, "stage2")
-    elif stage == "evaluate":
-      names += per_length(config, "evaluate") + ["results"]
-    else:
-      names.append(stage)
+    names += expand(config, stage)
+    if stage == "evaluate":
+      names.append("results")
   return names
 
 
 def all_stages(config) -> list[str]:
-  return (["data", "saliency", "stage1"] + per_length(config, "stage2")
-          + per_length(config, "evaluate") + ["results", "report"])
+  return (["data"] + expand(config, "saliency") + expand(config, "stage1")
+          + expand(config, "stage2") + expand(config, "evaluate") + ["results", "report"])
+
+
+def upstream_of(config, base: str, seed: int) -> str:
+  """The stage `base` of seed `seed` reads: its own seed's when seeds repeat it, else seed 0's."""
+  return stage_name(base, seed=seed if seeded(config, base) else 0)
 
 
 def reads(config, stage: str, facts: Facts = Facts()) -> dict:
-  """{key: value} of the inputs `stage` reads: config keys, measured facts, its code version."""
-  inputs = _config_reads(config, stage, facts)
-  inputs["code_version"] = CODE_VERSIONS[base_name(stage)]
+  """{key: value} of the inputs `stage` reads: config keys, measured facts, its code version,
+  and for seed k >= 1 of a repeated stage the seed index."""
+  base, bits, seed = parse(stage)
+  inputs = _config_reads(config, stage_name(base, bits), facts)
+  inputs["code_version"] = CODE_VERSIONS[base]
+  if seed:
+    inputs["seed_index"] = seed
   return inputs
 
 
@@ -154,11 +227,15 @@ def _config_reads(config, stage: str, facts: Facts) -> dict:
   if stage == "stage1":
     return dict(_pick(flat, ("seed",) + model + stage1), **weights)
   if stage.startswith("stage2_"):
-    return dict(_pick(flat, ("seed", "stage2.")), bits=bits_of(stage))
+    # Without a class term its weight is not read (and runs from before the key keep stage 2).
+    unread = (("stage2.class_term", "stage2.class_weight")
+              if config.stage2.class_term == "none" else ())
+    return dict(_pick(flat, ("seed", "stage2."), exclude=unread), bits=bits_of(stage))
   if stage.startswith("evaluate_"):
     return dict(_pick(flat, ("eval.",)), bits=bits_of(stage))
   if stage == "results":
-    return {"bits": config_lib.bit_list(config), "kept_bits": list(facts.kept_bits)}
+    return {"bits": config_lib.bit_list(config), "kept_bits": list(facts.kept_bits),
+            "seeds": seeds(config), "seeds_from": config.seeds_from}
   if stage == "report":
     return flat
   raise ValueError(f"unknown stage {stage!r}.")
@@ -166,18 +243,20 @@ def _config_reads(config, stage: str, facts: Facts) -> dict:
 
 def after(config, stage: str) -> tuple[str, ...]:
   """The stages whose outputs `stage` uses."""
-  if stage == "data":
+  base, bits, seed = parse(stage)
+  if base == "data":
     return ()
-  if stage == "saliency":
+  if base == "saliency":
     return ("data",)
-  if stage == "stage1":
-    return ("data", "saliency")
-  if stage.startswith("stage2_"):
-    return ("stage1",)
-  if stage.startswith("evaluate_"):
-    return (f"stage2_{bits_of(stage)}",)
-  if stage == "results":
-    return ("saliency", "stage1") + tuple(per_length(config, "evaluate"))
+  if base == "stage1":
+    return ("data", upstream_of(config, "saliency", seed))
+  if base == "stage2":
+    return (upstream_of(config, "stage1", seed),)
+  if base == "evaluate":
+    return (stage_name("stage2", bits, seed),)
+  if base == "results":
+    return tuple(expand(config, "saliency") + expand(config, "stage1")
+                 + expand(config, "evaluate"))
   return ("saliency", "stage1", "results")
 
 
@@ -216,8 +295,8 @@ def kept_lengths(config, wd, stage1_fingerprint: str) -> tuple[int, ...]:
 def finished_lengths(wd) -> list[int]:
   """Code lengths with a finished evaluation marker in the work directory."""
   names = os.listdir(wd.file("stages")) if os.path.isdir(wd.file("stages")) else []
-  return sorted(b for b in (bits_of(n[:-5]) for n in names
-                            if n.startswith("evaluate_") and n.endswith(".json")) if b)
+  return sorted({parse(n[:-5])[1] for n in names
+                 if n.startswith("evaluate_") and n.endswith(".json")} - {None})
 
 
 @dataclasses.dataclass
