@@ -76,18 +76,57 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   signal.signal(signal.SIGTERM, _stop)  # a scheduler's kill: stop as on Ctrl-C, resumable
   try:
-    start_distributed(_CONFIG.value)
+    start_distributed(_CONFIG.value, _MODE.value)
     run_mode(_MODE.value, _CONFIG.value, _WORKDIR.value)
   except (ValueError, FileNotFoundError, FloatingPointError, ImportError, OSError) as e:
     if _DEBUG.value:
       raise
     # One clear line and a non-zero exit; outputs and checkpoints on disk stay as they are.
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    print(f"error: {_multiprocess_reason(e)}", file=sys.stderr)
+    _exit(2)
   except KeyboardInterrupt:
     print("interrupted: run the same command again to resume; finished results are kept.",
           file=sys.stderr)
-    sys.exit(130)
+    _exit(130)
+  except Exception as e:  # pylint: disable=broad-except
+    if _processes() == 1 or _DEBUG.value:
+      raise
+    # Several processes: a lost peer surfaces as a runtime error of the collectives. One
+    # line and a prompt exit, without jax.distributed's shutdown (it would wait on the peer).
+    print(f"error: {_multiprocess_reason(e)}", file=sys.stderr)
+    _exit(2)
+
+
+def _multiprocess_reason(error: Exception) -> str:
+  """The error's message; a lost peer process said as such, with the way to resume."""
+  text = str(error)
+  if _processes() > 1 and any(s in text for s in ("Gloo", "gloo", "heartbeat", "barrier",
+                                                  "Barrier", "coordination")):
+    first = text.splitlines()[0]
+    cause = first[first.find("Gloo"):] if "Gloo" in first else first
+    return (f"another process of this run stopped ({cause[:160]}); run the same command on "
+            "every process again to resume from the last checkpoint.")
+  return text
+
+
+_JOINED = []  # [True] once jax.distributed joined this process to others
+
+
+def _processes() -> int:
+  if not _JOINED:
+    return 1
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_count()
+
+
+def _exit(code: int) -> None:
+  """sys.exit, except in a multi-process run: there the exit skips jax.distributed's
+  shutdown, which would wait for (or abort on) the processes that already stopped."""
+  if _processes() > 1:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # pylint: disable=protected-access
+  sys.exit(code)
 
 
 def _stop(signum, frame):
@@ -151,12 +190,17 @@ def run_mode(mode: str, config, workdir: str) -> None:
                          command=" ".join(sys.argv))
 
 
-def start_distributed(config) -> None:
+def start_distributed(config, mode: str = "train") -> None:
   """Several hosts: connect them before any JAX work (config.parallel.distributed)."""
   p = config.parallel
+  if p.distributed and mode not in ("train", "ablate"):
+    raise ValueError(f"--mode {mode} runs in one process; drop "
+                     "--config.parallel.distributed=True (it is for training and ablations).")
   if p.distributed:
     from fgir_jax import parallel  # pylint: disable=g-import-not-at-top
-    parallel.initialize(p.coordinator_address, p.num_processes, p.process_id)
+    parallel.initialize(p.coordinator_address, p.num_processes, p.process_id,
+                        heartbeat_seconds=p.heartbeat_seconds)
+    _JOINED.append(True)
 
 
 def parse_flags(argv):

@@ -285,10 +285,10 @@ def _chunks(kernel, rows: int, per_query: list[np.ndarray], database: tuple = ()
     padded = [_pad_rows(a[start:stop], rows) for a in per_query]
     out = kernel(*padded, *database)
     if pending is not None:
-      yield pending[0], pending[1], jax.device_get(pending[2])
+      yield pending[0], pending[1], parallel.to_host(pending[2])
     pending = (start, stop, out)
   if pending is not None:
-    yield pending[0], pending[1], jax.device_get(pending[2])
+    yield pending[0], pending[1], parallel.to_host(pending[2])
 
 
 def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:

@@ -17,25 +17,86 @@ same from a laptop to a multi-GPU host. For several hosts, `initialize` calls
 from __future__ import annotations
 
 import functools
+import json
 import math
 from typing import Callable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 BATCH_AXIS = "batch"
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
+               process_id: int | None = None, heartbeat_seconds: int = 100) -> None:
   """`jax.distributed.initialize` for a multi-host run; call before any other JAX work.
 
   Unset arguments are detected from the cluster environment (SLURM, Open MPI,
-  Cloud TPU), as jax.distributed does.
+  Cloud TPU), as jax.distributed does. On CPUs the processes exchange gradients
+  through gloo (JAX's CPU collectives, off by default). A process that stops
+  sending heartbeats for `heartbeat_seconds` stops the others.
   """
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
+                             num_processes=num_processes, process_id=process_id,
+                             heartbeat_timeout_seconds=int(heartbeat_seconds))
+
+
+def is_primary() -> bool:
+  """Whether this process writes the run's files (process 0, or the only one)."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Every process waits here until all have arrived (nothing with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def on_primary(fn: Callable, name: str):
+  """fn() on process 0 only; the others wait, then get its result or its error.
+
+  The result must be JSON-able (None is). An error on process 0 is raised on
+  every process as a ValueError with the same message, so all of them stop
+  with the same line instead of waiting for each other.
+  """
+  if jax.process_count() == 1:
+    return fn()
+  outcome = {}
+  if is_primary():
+    try:
+      outcome = {"ok": fn()}
+    except Exception as e:  # pylint: disable=broad-except  (sent to the others, then raised)
+      outcome = {"error": str(e), "type": type(e).__name__}
+      error = e
+  outcome = _broadcast_json(outcome, name)
+  if "error" in outcome:
+    if is_primary():
+      raise error  # pylint: disable=used-before-assignment
+    raise ValueError(outcome["error"])
+  return outcome["ok"]
+
+
+def _broadcast_json(obj, name: str):
+  """Process 0's JSON-able `obj` on every process."""
+  data = np.frombuffer(json.dumps(obj).encode("utf-8"), np.uint8) if is_primary() else None
+  size = multihost_utils.broadcast_one_to_all(
+      np.int32(0 if data is None else data.size), is_source=is_primary())
+  buffer = data if data is not None else np.zeros(int(size), np.uint8)
+  buffer = multihost_utils.broadcast_one_to_all(buffer, is_source=is_primary())
+  del name  # the collectives pair up by order; the name documents the call site
+  return json.loads(np.asarray(buffer).tobytes().decode("utf-8"))
+
+
+def to_host(tree):
+  """Every leaf as a NumPy array of its global value, also when other processes hold parts."""
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+  return jax.tree.map(one, tree)
 
 
 def data_mesh(num_devices: int = 0) -> Mesh:
@@ -65,7 +126,13 @@ def replicate(tree, mesh: Mesh | None):
   """Every leaf of `tree` as a copy on each device of the mesh (params, optimizer state)."""
   if size(mesh) == 1:
     return tree
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+  sharding = NamedSharding(mesh, P())
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+  # Every process holds the same values: each places its copy on its own devices.
+  return jax.tree.map(
+      lambda x: x if getattr(x, "sharding", None) == sharding else
+      jax.make_array_from_process_local_data(sharding, to_host(x)), tree)
 
 
 def shard_batch(batch, mesh: Mesh | None, axis: int = 0):
@@ -81,7 +148,7 @@ def shard_batch(batch, mesh: Mesh | None, axis: int = 0):
     return jax.device_put(batch, sharding)
 
   def local(x):
-    x = np.asarray(x)
+    x = to_host(x)
     per = x.shape[axis] // jax.process_count()
     mine = np.take(x, np.arange(per) + jax.process_index() * per, axis=axis)
     return jax.make_array_from_process_local_data(sharding, mine, x.shape)

@@ -34,6 +34,7 @@ import os
 
 import numpy as np
 
+from fgir_jax import parallel
 from fgir_jax import significance
 from fgir_jax.train import config as config_lib
 from fgir_jax.train import stages as stages_lib
@@ -88,14 +89,20 @@ def run_ablation(config, workdir: str, variants: str = ",".join(VARIANTS), echo=
   # A trained run in the ablation's own directory, and every variant, may hold stages to reuse.
   sources = [workdir] + list(paths.values())
   rows = {}
+  primary = parallel.is_primary()  # of several processes, process 0 writes the tables
+  if not primary:
+    echo = lambda *args, **kwargs: None  # pylint: disable=unnecessary-lambda-assignment
   # The ablation's tables are written under its directory's lock; each variant's run holds
   # its own.
-  with Workdir(workdir).writing(f"--mode ablate --variants {variants}", echo):
+  with pipeline.writing(Workdir(workdir, writable=primary),
+                        f"--mode ablate --variants {variants}", echo):
     for name in names:
       echo(f"==== ablation variant {name}: {paths[name]}")
       pipeline.run(configs[name], paths[name], echo=echo, reuse_from=sources)
       rows[name] = summarise(Workdir(paths[name], writable=False), configs[name])
-    write_tables(workdir, config, rows)
+    if primary:
+      write_tables(workdir, config, rows)
+    parallel.barrier("ablation tables written")
   return rows
 
 

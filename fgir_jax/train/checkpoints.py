@@ -14,7 +14,9 @@ import shutil
 from typing import Any
 
 import jax
+import numpy as np
 from fgir_jax import _extras
+from fgir_jax import parallel
 
 ocp = _extras.need("orbax.checkpoint", "fgir_jax.train.checkpoints")
 ocp_policy = ocp.checkpoint_managers.preservation_policy
@@ -51,7 +53,9 @@ class StageCheckpoints:
     self.best_metric = best_metric
     self.read_only = read_only
     if not read_only:
-      _remove_unfinished(self.directory, echo)
+      if parallel.is_primary():
+        _remove_unfinished(self.directory, echo)
+      parallel.barrier("checkpoints cleaned")
     best_fn = None
     policies = [ocp_policy.LatestN(n=1)]
     if best_metric:
@@ -74,7 +78,7 @@ class StageCheckpoints:
     metrics = meta.get("metrics") if self.best_metric else None
     self._manager.save(
         step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+        args=ocp.args.Composite(state=ocp.args.StandardSave(_global(state)),
                                 meta=ocp.args.JsonSave(meta)),
         metrics=metrics, force=True)
     self._manager.wait_until_finished()
@@ -89,11 +93,11 @@ class StageCheckpoints:
 
   def restore(self, step: int, like: Any) -> tuple[Any, dict]:
     """Restores the state at `step` into the structure, shapes and dtypes of `like`."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _global(like))
     restored = self._manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                       meta=ocp.args.JsonRestore()))
-    return restored["state"], dict(restored["meta"])
+    return _placed_like(restored["state"], like), dict(restored["meta"])
 
   def close(self) -> None:
     self._manager.close()
@@ -103,3 +107,31 @@ class StageCheckpoints:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def _global(tree):
+  """With several processes, every leaf that one process holds alone (a per-process
+  copy of the same value) as a global array replicated over all devices: Orbax saves
+  a multi-host checkpoint only from global arrays. With one process, `tree` itself."""
+  if jax.process_count() == 1:
+    return tree
+  replicated = jax.sharding.NamedSharding(parallel.data_mesh(), jax.sharding.PartitionSpec())
+
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return x
+    return jax.make_array_from_process_local_data(replicated, np.asarray(x))
+  return jax.tree.map(one, tree)
+
+
+def _placed_like(restored, like):
+  """Restored leaves back on the devices of `like`'s leaves (see `_global`)."""
+  if jax.process_count() == 1:
+    return restored
+
+  def one(x, ref):
+    if isinstance(ref, jax.Array) and not ref.is_fully_addressable:
+      return x
+    value = parallel.to_host(x)
+    return jax.device_put(value, ref.sharding) if isinstance(ref, jax.Array) else value
+  return jax.tree.map(one, restored, like)

@@ -105,6 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.parallel.coordinator_address = config_dict.placeholder(str)  # "host:port"; unset: detected
   c.parallel.num_processes = config_dict.placeholder(int)
   c.parallel.process_id = config_dict.placeholder(int)
+  c.parallel.heartbeat_seconds = 60    # a process silent this long stops the others
   return c
 
 
@@ -277,6 +278,8 @@ KEY_DOCS = {
     "parallel.coordinator_address": "Several hosts: the coordinator's host:port (unset: detected).",
     "parallel.num_processes": "Several hosts: the number of processes (unset: detected).",
     "parallel.process_id": "Several hosts: this process's index (unset: detected).",
+    "parallel.heartbeat_seconds": "Several processes: when one dies, the others stop within "
+                                  "this many seconds (sooner when they were waiting on it).",
 }
 
 

@@ -87,7 +87,7 @@ def run_network(net: nn.Module, variables: dict, inputs: batching.DeviceInput, *
   for batch in inputs.eval_batches(batch_size):
     image = parallel.shard_batch(batch["image"], mesh)
     out = _forward(variables, image, net=net, with_maps=with_maps, map_layer=map_layer)
-    chunks.append((np.asarray(batch["mask"]), jax.device_get(out)))
+    chunks.append((np.asarray(batch["mask"]), parallel.to_host(out)))
     if progress is not None:
       progress(int(np.asarray(batch["mask"]).sum()))
   keys = chunks[0][1].keys()

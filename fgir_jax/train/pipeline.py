@@ -9,17 +9,25 @@ when the same command is run again; finished results are never deleted, only
 replaced by the completed results of a rerun. One command writes to a work
 directory at a time (`Workdir.writing`); it first completes a commit that a
 kill interrupted.
+
+Several processes (jax.distributed, config.parallel.distributed) run the same
+command: every one computes every stage, feeding its share of each global
+batch, and process 0 alone writes the work directory; the others wait for it
+at each stage's start and end and at the commit (`parallel.barrier`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import time
 
 from fgir_jax import _validate
 from fgir_jax import models
+from fgir_jax import parallel
 from fgir_jax.models import weights as weights_lib
 from fgir_jax.train import config as config_lib
 from fgir_jax.train import data_stage
@@ -31,7 +39,7 @@ from fgir_jax.train import stage1
 from fgir_jax.train import stage2
 from fgir_jax.train import stages as stages_lib
 from fgir_jax.train.context import Run
-from fgir_jax.train.workdir import Workdir
+from fgir_jax.train.workdir import FollowerWorkdir, Workdir
 
 
 def check_config(config, bits) -> None:
@@ -130,6 +138,8 @@ def _run_stage(r: Run, stage: str, facts: stages_lib.Facts) -> dict:
     return evaluate.stage_evaluate(r, bits, seed)
   if stage == "results":
     return evaluate.stage_results(r, facts.kept_bits)
+  if not parallel.is_primary():
+    return {}  # no collectives in the report: process 0 draws it alone
   return stage_report(r)
 
 
@@ -149,12 +159,27 @@ def run(config, workdir: str, echo=print, reuse_from=(), command: str | None = N
   data_stage.check_dataset(dataset, echo)
   # The weights file is fetched (or found) and hashed before anything is written: no
   # network fails here, in one line.
+  parallel.on_primary(lambda: weights_digest(config) and None, "weights fetched")
   facts = stages_lib.Facts(data_files=data_stage.files_digest(dataset),
                            weights=weights_digest(config))
   # Nothing was written before this line.
   r = Run(config, workdir, echo, command=command)
-  with r.wd.writing(r.command, echo):
-    return _run_stages(r, dataset, facts, rerun, reuse_from, command)
+  try:
+    with writing(r.wd, r.command, r.echo):
+      return _run_stages(r, dataset, facts, rerun, reuse_from, command)
+  finally:
+    if isinstance(r.wd, FollowerWorkdir):
+      shutil.rmtree(r.wd.scratch, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def writing(wd: Workdir, command: str, echo):
+  """The work directory's write lock (Workdir.writing), taken by process 0 for every
+  process of the run; the others start once it holds it (or stop with its error)."""
+  with contextlib.ExitStack() as stack:
+    parallel.on_primary(lambda: stack.enter_context(wd.writing(command, echo)) and None,
+                        "write lock taken")
+    yield wd
 
 
 def _run_stages(r: Run, dataset, facts, rerun, reuse_from, command) -> dict:
@@ -164,6 +189,7 @@ def _run_stages(r: Run, dataset, facts, rerun, reuse_from, command) -> dict:
   fps = stages_lib.fingerprints(config, facts)
   r.wd.use_staged(fps)
   _reuse(r, reuse_from, fps)
+  parallel.barrier("stages planned")  # the plan reads what process 0 staged
   steps = stages_lib.plan(config, facts, r.wd, rerun)
   for line in stages_lib.describe(steps, config):
     echo(line)
@@ -178,14 +204,19 @@ def _run_stages(r: Run, dataset, facts, rerun, reuse_from, command) -> dict:
   if todo:
     r.dataset = dataset
     started = time.time()
-    summary = data_stage.stage_data(r)
+    # Process 0 decodes first and writes the decode cache; the others read it.
+    summary = parallel.on_primary(lambda: data_stage.stage_data(r), "data decoded")
+    if not parallel.is_primary():
+      summary = data_stage.stage_data(r)
     data_seconds = time.time() - started
     echo(f"data: {summary['images']} images ({summary['train']} train / {summary['test']} test), "
          f"{summary['classes']} classes" + (f", {summary['skipped']} unreadable files skipped"
                                             if summary["skipped"] else ""))
   for step in steps:
     started = time.time()
+    parallel.barrier(f"{step.stage} begins")
     r.wd.begin(step.stage, fps[step.stage])
+    parallel.barrier(f"{step.stage} staged")  # its checkpoint folder exists for all
     if step.stage == "data":
       summary = data_stage.data_summary(r)
       data_stage.write_examples(r)
@@ -201,8 +232,10 @@ def _run_stages(r: Run, dataset, facts, rerun, reuse_from, command) -> dict:
     summary = dict(summary, seconds=round(time.time() - started, 1))
     r.wd.finish(step.stage, summary, fps[step.stage], stages_lib.reads(config, step.stage, facts),
                 stages_lib.upstream(config, step.stage, fps))
+  parallel.barrier("stages finished")
   # Everything this command computed replaces the finished results at once.
   r.wd.commit_all(stages_lib.all_stages(config), config.to_dict(), command, echo=echo)
+  parallel.barrier("committed")
   path = r.wd.file("results.json")
   if os.path.exists(path):
     with open(path) as f:

@@ -54,7 +54,7 @@ def train_classifier(run: Run, name: str, images: np.ndarray, epochs: int = 0):
   key = run.stage_key(name)
   parallel.check_divisible(settings.batch_size, run.mesh, "stage1.batch_size")
   state = stage1_step.create_state(networks.init_variables(run.config, net, key), optimizer)
-  with StageCheckpoints(run.wd.out_dir("ckpt", name), best_metric="accuracy",
+  with StageCheckpoints(run.wd.checkpoint_dir("ckpt", name), best_metric="accuracy",
                         echo=run.echo) as ckpt:
     start, acc = 0, float("nan")
     if ckpt.latest_step() is not None:

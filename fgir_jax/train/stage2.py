@@ -39,7 +39,8 @@ def train_bits(run: Run, feats: dict, bits: int, seed: int = 0) -> dict:
   fresh = lambda: hash_layer.new_state(jax.random.split(key)[0], x_train, y_train, settings)
   eval_every = max(1, int(run.config.stage2.eval_every))
 
-  with StageCheckpoints(run.wd.out_dir("ckpt", name), best_metric="map", echo=run.echo) as ckpt:
+  with StageCheckpoints(run.wd.checkpoint_dir("ckpt", name), best_metric="map",
+                        echo=run.echo) as ckpt:
     state = None
     if ckpt.latest_step() is not None:
       state, _ = ckpt.restore(ckpt.latest_step(), fresh())

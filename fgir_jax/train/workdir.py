@@ -203,6 +203,11 @@ class Workdir:
     os.makedirs(path, exist_ok=True)
     return path
 
+  def checkpoint_dir(self, *parts: str) -> str:
+    """Where the running stage keeps its checkpoints: in its staging folder, shared by
+    every process of a multi-process run."""
+    return self.out_dir(*parts)
+
   def read(self, *parts: str) -> str:
     """Where to read a stage output: this command's staged version if it has one, else final."""
     rel = os.path.join(*parts)
@@ -424,3 +429,70 @@ def _plain(value):
   if hasattr(value, "tolist"):
     return value.tolist()
   return value
+
+
+class FollowerWorkdir(Workdir):
+  """The work directory as the processes after the first of a multi-process run see it.
+
+  Every process computes every stage (their collectives pair up), but only
+  process 0 (a plain `Workdir`) writes the run's files. A follower reads the
+  shared directory (finished results, and the stages staged by an earlier
+  command, which it resumes together with process 0) and writes its own copies
+  of this command's outputs into `scratch`, a private folder it reads them back
+  from and that nobody keeps. Checkpoints are the exception: Orbax saves one
+  multi-host checkpoint into process 0's staging folder (`checkpoint_dir`).
+  """
+
+  def __init__(self, path: str, scratch: str):
+    super().__init__(path, writable=True)
+    self.scratch = scratch
+
+  def _own(self, stage: str) -> str:
+    return os.path.join(self.scratch, stage)
+
+  def begin(self, stage: str, fingerprint: str) -> bool:
+    os.makedirs(self._own(stage), exist_ok=True)
+    self.active, self.active_fingerprint = stage, fingerprint
+    return self.staging_matches(stage, fingerprint)
+
+  def out(self, *parts: str) -> str:
+    root = self.scratch if self.active is None else self._own(self.active)
+    path = os.path.join(root, *parts)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return path
+
+  def checkpoint_dir(self, *parts: str) -> str:
+    return os.path.join(self.staging(self.active), *parts)
+
+  def read(self, *parts: str) -> str:
+    rel = os.path.join(*parts)
+    for stage in self.current:
+      if any(rel == o or rel.startswith(o + os.sep) for o in _outputs_of(stage)):
+        if os.path.exists(os.path.join(self._own(stage), "marker.json")):
+          return os.path.join(self._own(stage), rel)
+        break
+    return super().read(*parts)
+
+  def finish(self, stage: str, summary: dict, fingerprint: str, inputs: dict,
+             after: dict | None = None) -> None:
+    write_json(os.path.join(self._own(stage), "marker.json"), dict(summary, fingerprint=fingerprint))
+    self.active = self.active_fingerprint = None
+
+  def commit_all(self, stages, config_dict=None, command=None, echo=None) -> list:
+    return []
+
+  def recover(self, echo=print) -> list:
+    return []
+
+  @contextlib.contextmanager
+  def writing(self, command: str, echo=print):
+    yield self  # process 0 holds the lock for the whole run
+
+  def adopt(self, source: "Workdir", stage: str, log_stages) -> None:
+    pass  # process 0 stages it; this process reads it there
+
+  def log(self, stage: str, **values) -> None:
+    pass
+
+  def save_config(self, config_dict: dict) -> None:
+    pass
