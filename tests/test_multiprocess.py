@@ -183,3 +183,17 @@ def test_two_processes_train_one_run_and_resume_after_a_kill(tmp_path):
   # Process 1 printed nothing of its own but the final line.
   follower = _our_lines(tmp_path / "b1.out")
   assert len(follower) == 1 and follower[0].startswith("mAP: 8 bits")
+
+
+def test_modes_that_run_in_one_process_refuse_distributed_in_one_line(tmp_path):
+  config = tmp_path / "tiny.py"
+  config.write_text(CONFIG.format(repo=REPO))
+  out = subprocess.run([sys.executable, "launch.py", "--config", str(config), "--workdir",
+                        str(tmp_path / "run"), "--mode", "search", "--query", "x.png",
+                        "--config.parallel.distributed=True"],
+                       cwd=REPO, capture_output=True, text=True, env=_env(tmp_path), check=False)
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines() == [
+      "error: --mode search runs in one process; drop --config.parallel.distributed=True (it is "
+      "for training and ablations)."]
+  assert not (tmp_path / "run").exists()
