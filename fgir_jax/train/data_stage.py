@@ -94,13 +94,20 @@ def files_digest(ds: data_lib.Dataset) -> str:
   return h.hexdigest()[:16]
 
 
+_FILE_SHA = {}  # (path, size, mtime_ns) -> SHA-256: an ablation asks once per variant
+
+
 def _file_sha256(path: str) -> str:
   try:
-    with open(path, "rb") as f:
-      file_hash = hashlib.sha256()
-      while chunk := f.read(1 << 20):
-        file_hash.update(chunk)
-      return file_hash.hexdigest()
+    st = os.stat(path)
+    key = (path, st.st_size, st.st_mtime_ns)
+    if key not in _FILE_SHA:
+      with open(path, "rb") as f:
+        file_hash = hashlib.sha256()
+        while chunk := f.read(1 << 20):
+          file_hash.update(chunk)
+        _FILE_SHA[key] = file_hash.hexdigest()
+    return _FILE_SHA[key]
   except OSError:  # missing or unreadable: the decode names it (or skips it with data.skip_bad)
     return "missing"
 
