@@ -79,7 +79,7 @@ def files_digest(ds: data_lib.Dataset) -> str:
 
   A replaced, added or removed image changes it; a copy of the same files does not (a
   dataset copied again, restored from a backup or unpacked anew keeps every finished
-  stage). Reading the files costs about a second per GB.
+  stage). Reading the files costs a few seconds per GB, once per process.
   """
   h = hashlib.sha256()
   h.update(json.dumps([ds.name, list(ds.class_names)]).encode("utf-8"))
