@@ -110,7 +110,7 @@ def mean_average_precision(q_codes, q_labels, db_codes, db_labels, topk=None, ti
   """
   aps = average_precisions(q_codes, q_labels, db_codes, db_labels, topk=topk, ties=ties,
                            chunk_size=chunk_size, mesh=mesh, method=method)
-  return _mean_over_defined(aps)
+  return mean_over_queries(aps)
 
 
 def average_precisions(q_codes, q_labels, db_codes, db_labels, topk=None, ties="stable",
@@ -147,7 +147,7 @@ def precision_at_k(q_codes, q_labels, db_codes, db_labels, k, ties="stable",
     scores = _stable_scores(problem, functools.partial(_stable_precision, k=k))
   else:
     scores = _average_scores(problem, functools.partial(_tie_aware_precision, k=k))
-  return _mean_over_defined(scores)
+  return mean_over_queries(scores)
 
 
 def accuracy(logits_or_predictions, labels):
@@ -256,7 +256,10 @@ def _check_k(value, name, optional):
   return operator.index(value)
 
 
-def _mean_over_defined(scores: np.ndarray) -> float:
+def mean_over_queries(scores) -> float:
+  """The mean of per-query scores (e.g. `average_precisions`) over the queries that have a
+  relevant item: NaN rows left out, as `mean_average_precision` averages; NaN when all are."""
+  scores = np.asarray(scores, np.float64)
   defined = scores[~np.isnan(scores)]
   return float(defined.mean()) if defined.size else float("nan")
 

@@ -212,6 +212,12 @@ def test_mean_average_precision_is_the_mean_of_average_precisions():
     assert isinstance(m, float)
     aps = metrics.average_precisions(q, ql, db, dl, ties=ties)
     assert m == pytest.approx(np.mean(aps), rel=1e-12)
+    assert metrics.mean_over_queries(aps) == m
+
+
+def test_mean_over_queries_leaves_out_queries_without_relevant_items():
+  assert metrics.mean_over_queries([0.5, np.nan, 1.0, np.nan]) == pytest.approx(0.75)
+  assert np.isnan(metrics.mean_over_queries([np.nan, np.nan]))
 
 
 def test_stable_follows_database_order_inside_a_tie():

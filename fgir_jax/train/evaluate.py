@@ -49,7 +49,7 @@ def stage_evaluate(run: Run, bits: int, seed: int = 0) -> dict:
   k = int(run.config.eval.precision_k)
   ap = np.asarray(metrics.average_precisions(*args, mesh=run.mesh))
   row = {"bits": bits, "seed": seed, "queries": int((~tr).sum()), "database": int(tr.sum()),
-         "map": _mean_over_defined(ap),
+         "map": metrics.mean_over_queries(ap),
          "map_tie_aware": metrics.mean_average_precision(*args, ties="average", mesh=run.mesh),
          f"precision_at_{k}": metrics.precision_at_k(*args, k=k, mesh=run.mesh)}
   sfx = stages.seed_suffix(seed)
@@ -60,12 +60,6 @@ def stage_evaluate(run: Run, bits: int, seed: int = 0) -> dict:
     save_index(run, bits, db, feats["labels"][tr])
   run.wd.log(stages.stage_name("evaluate", bits, seed), map=row["map"])
   return {"map": row["map"]}
-
-
-def _mean_over_defined(ap: np.ndarray) -> float:
-  """mAP as metrics.mean_average_precision gives it: queries without a relevant item left out."""
-  defined = ap[~np.isnan(ap)]
-  return float(defined.mean()) if defined.size else float("nan")
 
 
 def save_index(run: Run, bits: int, db_codes, db_labels) -> str:
