@@ -55,7 +55,7 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def on_primary(fn: Callable, name: str):
+def on_primary(fn: Callable):
   """fn() on process 0 only; the others wait, then get its result or its error.
 
   The result must be JSON-able (None is). An error on process 0 is raised on
@@ -64,29 +64,27 @@ def on_primary(fn: Callable, name: str):
   """
   if jax.process_count() == 1:
     return fn()
-  outcome = {}
+  error, outcome = None, {}
   if is_primary():
     try:
       outcome = {"ok": fn()}
     except Exception as e:  # pylint: disable=broad-except  (sent to the others, then raised)
-      outcome = {"error": str(e), "type": type(e).__name__}
-      error = e
-  outcome = _broadcast_json(outcome, name)
+      error, outcome = e, {"error": str(e)}
+  outcome = _broadcast_json(outcome)
+  if error is not None:
+    raise error
   if "error" in outcome:
-    if is_primary():
-      raise error  # pylint: disable=used-before-assignment
     raise ValueError(outcome["error"])
   return outcome["ok"]
 
 
-def _broadcast_json(obj, name: str):
+def _broadcast_json(obj):
   """Process 0's JSON-able `obj` on every process."""
   data = np.frombuffer(json.dumps(obj).encode("utf-8"), np.uint8) if is_primary() else None
   size = multihost_utils.broadcast_one_to_all(
       np.int32(0 if data is None else data.size), is_source=is_primary())
   buffer = data if data is not None else np.zeros(int(size), np.uint8)
   buffer = multihost_utils.broadcast_one_to_all(buffer, is_source=is_primary())
-  del name  # the collectives pair up by order; the name documents the call site
   return json.loads(np.asarray(buffer).tobytes().decode("utf-8"))
 
 

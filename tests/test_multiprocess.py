@@ -40,9 +40,9 @@ import jax
 from fgir_jax import parallel
 parallel.initialize("127.0.0.1:" + sys.argv[1], 2, int(sys.argv[2]), heartbeat_seconds=10)
 import jax.numpy as jnp, numpy as np
-assert parallel.on_primary(lambda: {"n": jax.process_index()}, "value") == {"n": 0}
+assert parallel.on_primary(lambda: {"n": jax.process_index()}) == {"n": 0}
 try:
-  parallel.on_primary(lambda: 1 / 0, "error")
+  parallel.on_primary(lambda: 1 / 0)
 except (ZeroDivisionError, ValueError) as e:
   print("error on", jax.process_index(), type(e).__name__, e)
 mesh = parallel.data_mesh()

@@ -159,7 +159,7 @@ def run(config, workdir: str, echo=print, reuse_from=(), command: str | None = N
   data_stage.check_dataset(dataset, echo)
   # The weights file is fetched (or found) and hashed before anything is written: no
   # network fails here, in one line.
-  parallel.on_primary(lambda: weights_digest(config) and None, "weights fetched")
+  parallel.on_primary(lambda: weights_digest(config) and None)  # fetched once, by process 0
   facts = stages_lib.Facts(data_files=data_stage.files_digest(dataset),
                            weights=weights_digest(config))
   # Nothing was written before this line.
@@ -177,8 +177,7 @@ def writing(wd: Workdir, command: str, echo):
   """The work directory's write lock (Workdir.writing), taken by process 0 for every
   process of the run; the others start once it holds it (or stop with its error)."""
   with contextlib.ExitStack() as stack:
-    parallel.on_primary(lambda: stack.enter_context(wd.writing(command, echo)) and None,
-                        "write lock taken")
+    parallel.on_primary(lambda: stack.enter_context(wd.writing(command, echo)) and None)
     yield wd
 
 
@@ -205,7 +204,7 @@ def _run_stages(r: Run, dataset, facts, rerun, reuse_from, command) -> dict:
     r.dataset = dataset
     started = time.time()
     # Process 0 decodes first and writes the decode cache; the others read it.
-    summary = parallel.on_primary(lambda: data_stage.stage_data(r), "data decoded")
+    summary = parallel.on_primary(lambda: data_stage.stage_data(r))
     if not parallel.is_primary():
       summary = data_stage.stage_data(r)
     data_seconds = time.time() - started
