@@ -149,22 +149,24 @@ def stage_results(run: Run, kept_bits=()) -> dict:
   for key in ("corloc", "mean_iou", "full_image_corloc", "uncropped_accuracy"):
     if key in saliency_runs[0]:
       per_seed[key] = [sal.get(key) for sal in saliency_runs]
+  seeds = stages.seeds(config)
   for name, values in per_seed.items():
-    if isinstance(values, dict):
-      results[name] = {b: mean_or_none(v) for b, v in values.items()}
-    else:
-      results[name] = mean_or_none(values)
-  if stages.seeds(config) > 1:
-    results["seeds"] = stages.seeds(config)
-    for name, values in per_seed.items():
-      if isinstance(values, dict):
-        results[f"{name}_std"] = {b: std_or_none(v) for b, v in values.items()}
-      elif len(values) > 1:
-        results[f"{name}_std"] = std_or_none(values)
-    results["per_seed"] = per_seed
+    results[name] = _by_length(values, mean_or_none)
+    # A spread only over values that seeds repeat (not a shared stage 1's accuracy).
+    if seeds > 1 and (isinstance(values, dict) or len(values) > 1):
+      results[f"{name}_std"] = _by_length(values, std_or_none)
+  if seeds > 1:
+    results.update(seeds=seeds, per_seed=per_seed)
   write_json(run.wd.out("results.json"), results)
   run.wd.log("results", **{f"map_{b}": v for b, v in results["map"].items()})
   return {"bits": run.bits, "kept_bits": list(kept_bits), "seeds": stages.seeds(config)}
+
+
+def _by_length(values, summary):
+  """summary(values), or {bits: summary(values of bits)} for per-length values."""
+  if isinstance(values, dict):
+    return {b: summary(v) for b, v in values.items()}
+  return summary(values)
 
 
 def mean_or_none(values: list) -> float | None:
