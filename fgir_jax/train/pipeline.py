@@ -13,7 +13,7 @@ kill interrupted.
 Several processes (jax.distributed, config.parallel.distributed) run the same
 command: every one computes every stage, feeding its share of each global
 batch, and process 0 alone writes the work directory; the others wait for it
-at each stage's start and end and at the commit (`parallel.barrier`).
+at the start of each stage and at the commit (`parallel.barrier`).
 """
 
 from __future__ import annotations
@@ -213,9 +213,9 @@ def _run_stages(r: Run, dataset, facts, rerun, reuse_from, command) -> dict:
                                             if summary["skipped"] else ""))
   for step in steps:
     started = time.time()
-    parallel.barrier(f"{step.stage} begins")
     r.wd.begin(step.stage, fps[step.stage])
-    parallel.barrier(f"{step.stage} staged")  # its checkpoint folder exists for all
+    # Its checkpoint folder exists for all, and the stage before it is finished in staging.
+    parallel.barrier(f"{step.stage} staged")
     if step.stage == "data":
       summary = data_stage.data_summary(r)
       data_stage.write_examples(r)
