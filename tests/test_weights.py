@@ -167,3 +167,17 @@ def test_the_no_network_advice_works_when_followed(tmp_path):
   with open(target, "wb") as f:
     f.write(PAYLOAD)
   assert weights.fetch(spec, directory=str(tmp_path / "cache"), progress=False) == target
+
+
+def test_sha256_once_reads_a_file_again_only_when_it_changes(tmp_path, monkeypatch):
+  path = tmp_path / "w.bin"
+  path.write_bytes(b"first")
+  reads = []
+  real = weights.sha256_of
+  monkeypatch.setattr(weights, "sha256_of", lambda p: reads.append(p) or real(p))
+  assert weights.sha256_once(str(path)) == hashlib.sha256(b"first").hexdigest()
+  assert weights.sha256_once(str(path)) == hashlib.sha256(b"first").hexdigest()
+  assert len(reads) == 1
+  path.write_bytes(b"second!")  # another size: read again
+  assert weights.sha256_once(str(path)) == hashlib.sha256(b"second!").hexdigest()
+  assert len(reads) == 2

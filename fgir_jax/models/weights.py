@@ -65,6 +65,19 @@ def sha256_of(path: str) -> str:
   return digest.hexdigest()
 
 
+_SHA256 = {}  # (path, size, mtime_ns) -> SHA-256
+
+
+def sha256_once(path: str) -> str:
+  """`sha256_of`, read once per process while the file keeps its size and time (an
+  ablation fingerprints the same weights file and images for every variant)."""
+  st = os.stat(path)
+  key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+  if key not in _SHA256:
+    _SHA256[key] = sha256_of(path)
+  return _SHA256[key]
+
+
 def verify(path: str, spec: WeightsFile) -> str | None:
   """None when `path` is the file `spec` describes, else what is wrong with it."""
   size = os.path.getsize(path)

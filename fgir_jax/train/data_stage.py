@@ -11,6 +11,7 @@ import shutil
 import numpy as np
 
 from fgir_jax import data as data_lib
+from fgir_jax.models import weights as weights_lib
 from fgir_jax.train.context import Run
 
 
@@ -94,20 +95,9 @@ def files_digest(ds: data_lib.Dataset) -> str:
   return h.hexdigest()[:16]
 
 
-_FILE_SHA = {}  # (path, size, mtime_ns) -> SHA-256: an ablation asks once per variant
-
-
 def _file_sha256(path: str) -> str:
   try:
-    st = os.stat(path)
-    key = (path, st.st_size, st.st_mtime_ns)
-    if key not in _FILE_SHA:
-      with open(path, "rb") as f:
-        file_hash = hashlib.sha256()
-        while chunk := f.read(1 << 20):
-          file_hash.update(chunk)
-        _FILE_SHA[key] = file_hash.hexdigest()
-    return _FILE_SHA[key]
+    return weights_lib.sha256_once(path)
   except OSError:  # missing or unreadable: the decode names it (or skips it with data.skip_bad)
     return "missing"
 

@@ -101,20 +101,13 @@ def stage_report(run: Run) -> dict:
   return {"report": os.path.relpath(path, run.wd.staging("report"))}
 
 
-_WEIGHTS_SHA = {}  # (path, size, mtime_ns) -> SHA-256: an ablation asks once per variant
-
-
 def weights_digest(config) -> str | None:
   """The SHA-256 of the file behind model.pretrained (the standard file for "imagenet")."""
   if not config.model.pretrained:
     return None
   path = (models.imagenet_file(config.model.backbone, progress=bool(config.progress))
           if config.model.pretrained == "imagenet" else config.model.pretrained)
-  st = os.stat(path)
-  key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
-  if key not in _WEIGHTS_SHA:
-    _WEIGHTS_SHA[key] = weights_lib.sha256_of(path)
-  return _WEIGHTS_SHA[key]
+  return weights_lib.sha256_once(path)
 
 
 # ----------------------------------------------------------------------------
